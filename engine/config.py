@@ -1,0 +1,219 @@
+"""Every option of the engine: one frozen dataclass, the absl flags made from it, and validation.
+
+Each option is declared once, below, with its default and help; `define_flags` turns the fields into
+absl flags and `from_flags` turns parsed flags back into a validated `Config`. Validation happens here,
+once, and raises `ConfigError`, which `launch.py` prints as one line naming the flag and its value.
+"""
+
+import dataclasses
+import os
+
+from absl import flags
+
+from models.backbones import BACKBONES
+
+JOBS = ("train", "evaluate")
+MODES = ("scratch", "frozen", "finetune")
+OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
+STRATEGIES = ("auto", "mirrored", "one_device")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+JIT_CHOICES = ("auto", "true", "false")
+
+
+class ConfigError(ValueError):
+    """Bad user input: one line naming the flag (or file) and the value, and why it is refused."""
+
+    def __init__(self, flag, value, reason):
+        self.flag, self.value = flag, value
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        super().__init__(f"--{flag}={shown}: {reason}")
+
+
+def first_line(error):
+    """The first line of an exception's message: libraries' errors are often long and multi-line."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _option(default, help_text, *, choices=None, kind=None):
+    """A config field; `kind` says the flag type where the default (None) cannot."""
+    return dataclasses.field(
+        default=default,
+        metadata={"help": help_text, "choices": choices, "kind": kind or type(default)},
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # What to run.
+    job: str = _option("train", "What to run.", choices=JOBS)
+    model_dir: str = _option(None, "Run directory: checkpoints, logs, metrics, results.", kind=str)
+    # Which layers receive gradients.
+    mode: str = _option(
+        "frozen",
+        "scratch: random backbone, all trains; frozen: pretrained backbone fixed, head trains; "
+        "finetune: pretrained backbone, top --unfreeze layers and head train.",
+        choices=MODES,
+    )
+    unfreeze: int = _option(0, "finetune: how many of the backbone's top layers with weights train.")
+    # The model.
+    backbone: str = _option("mobilenet_v2", "Backbone architecture.", choices=tuple(BACKBONES))
+    alpha: float = _option(1.0, "MobileNetV2 width multiplier.")
+    image_size: int = _option(None, "Square input size in pixels (default: the backbone's own).", kind=int)
+    weights: str = _option(
+        "imagenet",
+        "Backbone weights: imagenet, none, a .weights.h5/.keras file, or an earlier run's model_dir. "
+        "Ignored in scratch mode.",
+    )
+    dropout: float = _option(0.2, "Dropout rate before the classifier layer (0 disables).")
+    bn_momentum: float = _option(
+        None,
+        "Momentum of the moving statistics of BatchNorm layers that train (default: the backbone's "
+        "own; keras.applications use 0.999, too slow for short runs from scratch).",
+        kind=float,
+    )
+    # The data.
+    dataset: str = _option("fashion_mnist", "Any TFDS image-classification dataset name.")
+    data_dir: str = _option(None, "TFDS data directory (default: TFDS's own).", kind=str)
+    manual_dir: str = _option(
+        None,
+        "Directory of manually downloaded files. fashion_mnist: the four IDX .gz files "
+        "(default: Debian's dataset-fashion-mnist location when present).",
+        kind=str,
+    )
+    train_split: str = _option("train[:90%]", "TFDS split string to train on.")
+    eval_split: str = _option("train[90%:]", "TFDS split string evaluated after each epoch ('' skips).")
+    test_split: str = _option("test", "TFDS split string evaluated once at the end ('' skips).")
+    label_subset: tuple = _option(
+        (), "Keep only these labels, relabelled 0..k-1 in the order given, e.g. 6,0,2.", kind=list
+    )
+    # Optimisation.
+    batch_size: int = _option(32, "Global batch size, split evenly across replicas.")
+    epochs: int = _option(10, "Training epochs.")
+    steps_per_epoch: int = _option(None, "Cap on training steps per epoch (default: one pass).", kind=int)
+    steps_per_loop: int = _option(10, "Training steps run inside one tf.function call.")
+    optimizer: str = _option("adam", "Optimizer (sgd uses momentum 0.9).", choices=OPTIMIZERS)
+    learning_rate: float = _option(1e-3, "Learning rate.")
+    lr_schedule: str = _option(
+        "constant", "constant, or cosine decay to 0 over the run.", choices=LR_SCHEDULES
+    )
+    warmup_steps: int = _option(0, "Linear learning-rate warm-up from 0 over this many steps.")
+    weight_decay: float = _option(0.0, "Decoupled weight decay; never applied to biases or BatchNorm.")
+    seed: int = _option(42, "Seed for initialisation, shuffling and dropout.")
+    # Devices.
+    strategy: str = _option(
+        "auto", "auto: MirroredStrategy over all GPUs, else one device.", choices=STRATEGIES
+    )
+    cpu_replicas: int = _option(
+        1, "Split the host CPU into N logical devices and mirror over them (tests multi-replica)."
+    )
+    precision: str = _option(
+        "auto", "auto: mixed_float16 on GPUs of compute capability >= 7.0, else float32.",
+        choices=PRECISIONS,
+    )
+    jit_compile: str = _option("auto", "XLA for the per-replica step; auto: on GPU only.", choices=JIT_CHOICES)
+    keep_checkpoints: int = _option(3, "How many checkpoints to keep.")
+
+    def to_flagfile(self):
+        """The resolved options as flagfile text: rerunning with it rebuilds this config."""
+        lines = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                value = ",".join(map(str, value))
+            lines.append(f"--{field.name}={value}")
+        return "\n".join(lines) + "\n"
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """Declares one absl flag per Config field (names, defaults and help come from the fields)."""
+    definers = {
+        str: flags.DEFINE_string,
+        int: flags.DEFINE_integer,
+        float: flags.DEFINE_float,
+        bool: flags.DEFINE_bool,
+        list: flags.DEFINE_list,
+    }
+    for field in dataclasses.fields(Config):
+        meta = field.metadata
+        help_text = meta["help"]
+        if meta["choices"]:
+            help_text += f" One of: {', '.join(meta['choices'])}."
+        default = list(field.default) if meta["kind"] is list else field.default
+        definers[meta["kind"]](field.name, default, help_text, flag_values=flag_values)
+
+
+def from_flags(flag_values=flags.FLAGS):
+    """Builds and validates the Config from parsed flags."""
+    values = {}
+    for field in dataclasses.fields(Config):
+        value = flag_values[field.name].value
+        if field.name == "label_subset":
+            value = _parse_labels(value)
+        values[field.name] = value
+    return validate(Config(**values))
+
+
+def _parse_labels(items):
+    try:
+        return tuple(int(item) for item in items)
+    except ValueError:
+        raise ConfigError("label_subset", items, "labels must be integers") from None
+
+
+def validate(config):
+    """Checks every option on its own and against the others; returns it with defaults resolved."""
+    for field in dataclasses.fields(config):
+        choices = field.metadata["choices"]
+        value = getattr(config, field.name)
+        if choices and value not in choices:
+            raise ConfigError(field.name, value, f"must be one of {', '.join(choices)}")
+    if config.image_size is None:
+        config = dataclasses.replace(config, image_size=BACKBONES[config.backbone].default_image_size)
+    positive = ["batch_size", "epochs", "steps_per_loop", "cpu_replicas", "keep_checkpoints",
+                "learning_rate", "alpha", "image_size", "steps_per_epoch"]
+    for name in positive:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ConfigError(name, value, "must be positive")
+    if config.image_size is not None and config.image_size < 8:
+        raise ConfigError("image_size", config.image_size, "must be at least 8 pixels")
+    if not 0 <= config.dropout < 1:
+        raise ConfigError("dropout", config.dropout, "must be in [0, 1)")
+    if config.bn_momentum is not None and not 0 <= config.bn_momentum < 1:
+        raise ConfigError("bn_momentum", config.bn_momentum, "must be in [0, 1)")
+    if config.weight_decay < 0:
+        raise ConfigError("weight_decay", config.weight_decay, "must not be negative")
+    if config.warmup_steps < 0:
+        raise ConfigError("warmup_steps", config.warmup_steps, "must not be negative")
+    if config.unfreeze < 0:
+        raise ConfigError("unfreeze", config.unfreeze, "must not be negative")
+    if config.mode == "finetune" and config.unfreeze == 0:
+        raise ConfigError("unfreeze", 0, "--mode=finetune needs at least one layer to unfreeze")
+    if len(set(config.label_subset)) != len(config.label_subset):
+        raise ConfigError("label_subset", config.label_subset, "labels must not repeat")
+    if any(label < 0 for label in config.label_subset):
+        raise ConfigError("label_subset", config.label_subset, "labels must not be negative")
+    if config.label_subset and len(config.label_subset) < 2:
+        raise ConfigError("label_subset", config.label_subset, "a classifier needs at least 2 labels")
+    if not config.train_split:
+        raise ConfigError("train_split", "", "must name a split")
+    if not config.model_dir:
+        raise ConfigError("model_dir", "", f"--job={config.job} needs a run directory")
+    if config.strategy == "one_device" and config.cpu_replicas > 1:
+        raise ConfigError(
+            "cpu_replicas", config.cpu_replicas, "needs --strategy=mirrored or auto, not one_device"
+        )
+    if config.jit_compile == "true" and config.cpu_replicas > 1:
+        raise ConfigError(
+            "jit_compile", "true",
+            "XLA cannot run MirroredStrategy over logical CPU devices; use --cpu_replicas=1",
+        )
+    weights = config.weights
+    if weights not in ("imagenet", "none") and not os.path.exists(weights):
+        raise ConfigError("weights", weights, "no such file or run directory")
+    return config
+

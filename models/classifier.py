@@ -1,0 +1,135 @@
+"""The classifier: raw images -> preprocessing -> backbone -> head, and where backbone weights come from.
+
+The model carries its own preprocessing (`Preprocess`), so it takes raw uint8 images of any size, in
+training, in evaluation and after export; the input pipeline never rescales pixels itself. That is how
+the engine never feeds a backbone the wrong preprocessing.
+"""
+
+import os
+import re
+import warnings
+
+import keras
+
+from engine.config import ConfigError, first_line
+from models.backbones import BACKBONES
+
+BACKBONE_LAYER = "backbone"
+
+
+@keras.saving.register_keras_serializable(package="transfer_engine")
+class Preprocess(keras.layers.Layer):
+    """uint8 images of any size and 1 or 3 channels -> the backbone's input at `image_size`."""
+
+    def __init__(self, backbone, image_size, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # Pixel arithmetic stays float32 under mixed precision.
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.image_size = image_size
+
+    def call(self, images):
+        x = keras.ops.cast(images, "float32")
+        size = (self.image_size, self.image_size)
+        if tuple(x.shape[1:3]) != size:  # The input pipeline already resizes; exported models may not.
+            x = keras.ops.image.resize(x, size)
+        if x.shape[-1] == 1:
+            x = keras.ops.repeat(x, 3, axis=-1)
+        return BACKBONES[self.backbone].preprocess(x)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.image_size, self.image_size, 3)
+
+    def get_config(self):
+        return {**super().get_config(), "backbone": self.backbone, "image_size": self.image_size}
+
+
+def build_classifier(*, backbone, image_size, channels, num_classes, alpha=1.0, dropout=0.0, weights=None):
+    """Preprocess -> backbone (a nested model named 'backbone') -> pooling -> dropout -> logits.
+
+    Two classes get one logit (sigmoid); more get one logit each (softmax). Logits are float32 even
+    under mixed precision, so the loss is computed in float32. `weights` is "imagenet" or None here;
+    files and earlier runs are loaded afterwards with `load_backbone_weights`.
+    """
+    entry = BACKBONES[backbone]
+    inputs = keras.Input((None, None, channels), dtype="uint8", name="image")
+    x = Preprocess(backbone, image_size, name="preprocess")(inputs)
+    base = _build_backbone(entry, (image_size, image_size, 3), weights, alpha)
+    x = base(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    units = 1 if num_classes == 2 else num_classes
+    outputs = keras.layers.Dense(units, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
+
+
+def _build_backbone(entry, input_shape, weights, alpha):
+    if weights == "imagenet" and not entry.has_imagenet_weights:
+        raise ConfigError("weights", "imagenet", f"{entry.name} has no imagenet weights")
+    try:
+        model = entry.build(input_shape, weights, alpha)
+    except Exception as error:  # keras.utils.get_file raises a bare Exception when offline.
+        if weights != "imagenet":
+            raise
+        cache = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
+        raise ConfigError(
+            "weights", "imagenet",
+            f"could not get the {entry.name} imagenet weights ({first_line(error)}); offline, copy "
+            f"the file named at the end of that URL into {cache}/",
+        ) from None
+    # Re-wrap under a fixed name so weights can be found in any saved classifier.
+    return keras.Model(model.input, model.output, name=BACKBONE_LAYER)
+
+
+def load_backbone_weights(model, source):
+    """Loads backbone weights into `model` from a weights file, a .keras model or an earlier run's dir.
+
+    The head is left as built: only the backbone transfers. A file of another architecture or width
+    is refused with a ConfigError naming the first layer that does not fit.
+    """
+    path = source
+    if os.path.isdir(path):
+        path = os.path.join(source, "model.keras")
+        if not os.path.exists(path):
+            raise ConfigError("weights", source, "is a directory without model.keras (not a finished run)")
+    backbone = model.get_layer(BACKBONE_LAYER)
+    with warnings.catch_warnings(record=True) as caught:  # Keras warns where it loads partially.
+        warnings.simplefilter("always")
+        try:
+            if path.endswith(".keras"):
+                donor = keras.saving.load_model(path, compile=False).get_layer(BACKBONE_LAYER)
+                _copy_weights(donor, backbone)
+            else:
+                backbone.load_weights(path)
+        except (ValueError, KeyError, OSError) as error:
+            raise ConfigError("weights", source, f"does not fit this backbone: {_mismatch(error)}") from None
+    partial = [w for w in caught if issubclass(w.category, UserWarning) and "saving" in w.filename]
+    if partial:
+        raise ConfigError("weights", source, f"does not fit this backbone: {first_line(partial[0].message)}")
+
+
+def _copy_weights(donor, target):
+    donor_weights, target_weights = donor.weights, target.weights
+    if len(donor_weights) != len(target_weights):
+        raise ValueError(f"the file has {len(donor_weights)} weights, this backbone {len(target_weights)}")
+    for source, destination in zip(donor_weights, target_weights):
+        if source.shape != destination.shape:
+            raise ValueError(
+                f"{destination.path} expects shape {tuple(destination.shape)}, the file has "
+                f"{tuple(source.shape)}"
+            )
+    for source, destination in zip(donor_weights, target_weights):
+        destination.assign(source)
+
+
+def _mismatch(error):
+    """The one informative sentence out of Keras' multi-line weight-loading errors."""
+    text = str(error)
+    shapes = re.search(r"variable\.shape=(\(.*?\)), Received: value\.shape=(\(.*?\))", text)
+    layer = re.search(r"object <\w+ name=([^,>]+)", text)
+    if shapes and layer:
+        return f"layer {layer.group(1)} expects shape {shapes.group(1)}, the file has {shapes.group(2)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("A total of"):
+        return lines[1]
+    return first_line(error)

@@ -1,0 +1,250 @@
+"""Jobs (`--job=`): small functions over the same building blocks.
+
+    config -> devices (engine/distribute) -> source and splits (data/) -> classifier, weights and
+    trainability (models/) -> optimizer and steps (engine/trainer) -> outer loop (engine/loop) -> run dir
+"""
+
+import dataclasses
+import time
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+from data import pipeline, sources
+from engine import distribute, loop
+from engine.config import ConfigError, first_line
+from engine.run_dir import RunDir
+from engine.trainer import Trainer, learning_rate_schedule, make_optimizer, summarize
+from models import trainability
+from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a job needs, built once from the config."""
+
+    config: object
+    devices: distribute.Devices
+    source: sources.Source
+    train_split: sources.Split
+    eval_split: sources.Split
+    test_split: sources.Split
+    steps_per_epoch: int
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    trainer: Trainer
+    epoch: tf.Variable
+    checkpoint: tf.train.Checkpoint
+    checkpoints: tf.train.CheckpointManager
+
+
+def build(config, run_dir, *, pretrained=True):
+    """Builds the whole setup; raises ConfigError for any bad input before anything is written.
+
+    `pretrained=False` skips loading backbone weights (a checkpoint will replace them anyway).
+    """
+    devices = distribute.configure(config)
+    keras.utils.set_random_seed(config.seed)
+    source = sources.open_source(config)
+    train_split = source.split(config.train_split, "train_split")
+    eval_split = source.split(config.eval_split, "eval_split") if config.eval_split else None
+    test_split = source.split(config.test_split, "test_split") if config.test_split else None
+    logging.info(
+        "Data: %s, %d classes (%s); train %d, eval %s, test %s examples",
+        source.name, source.num_classes, ", ".join(source.class_names), train_split.num_examples,
+        eval_split.num_examples if eval_split else "-", test_split.num_examples if test_split else "-",
+    )
+
+    steps_per_epoch = pipeline.epoch_steps(
+        train_split, config.batch_size, devices.num_workers, config.steps_per_epoch
+    )
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            "batch_size", config.batch_size,
+            f"is larger than --train_split={config.train_split} ({train_split.num_examples} examples)",
+        )
+
+    weights = config.weights
+    if config.mode == "scratch" and weights != "none":
+        logging.info("scratch mode: the backbone starts from random weights (--weights=%s unused)", weights)
+        weights = "none"
+    elif config.mode != "scratch" and weights == "none":
+        logging.warning("--mode=%s with --weights=none: the backbone is random, not pretrained", config.mode)
+    with devices.strategy.scope():
+        model = build_classifier(
+            backbone=config.backbone, image_size=config.image_size, channels=source.channels,
+            num_classes=source.num_classes, alpha=config.alpha, dropout=config.dropout,
+            weights="imagenet" if pretrained and weights == "imagenet" else None,
+        )
+        if pretrained and weights not in ("imagenet", "none"):
+            load_backbone_weights(model, weights)
+        trainability.apply_mode(
+            model, mode=config.mode, unfreeze=config.unfreeze, bn_momentum=config.bn_momentum
+        )
+        learning_rate = learning_rate_schedule(
+            learning_rate=config.learning_rate, schedule=config.lr_schedule,
+            warmup_steps=config.warmup_steps, total_steps=steps_per_epoch * config.epochs,
+        )
+        optimizer = make_optimizer(
+            name=config.optimizer, learning_rate=learning_rate,
+            weight_decay=config.weight_decay, precision=devices.precision,
+        )
+        # Built here, inside the scope, before any step is traced (Keras 3 needs this under
+        # tf.distribute).
+        optimizer.build(model.trainable_variables)
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch)
+    trainer = Trainer(
+        model=model, optimizer=optimizer, strategy=devices.strategy,
+        global_batch_size=config.batch_size, jit_compile=devices.jit_compile,
+    )
+    return Setup(
+        config=config, devices=devices, source=source, train_split=train_split,
+        eval_split=eval_split, test_split=test_split, steps_per_epoch=steps_per_epoch, model=model, optimizer=optimizer,
+        trainer=trainer, epoch=epoch, checkpoint=checkpoint,
+        checkpoints=tf.train.CheckpointManager(
+            checkpoint, run_dir.checkpoints, max_to_keep=config.keep_checkpoints
+        ),
+    )
+
+
+def evaluate_split(setup, split):
+    """Exact loss and accuracy over every example of `split`."""
+    if split is None:
+        return None
+    dataset = setup.devices.strategy.distribute_datasets_from_function(
+        pipeline.eval_dataset_fn(
+            split, image_size=setup.config.image_size, global_batch_size=setup.config.batch_size
+        )
+    )
+    return summarize(setup.trainer.evaluate(dataset))
+
+
+def _restore(setup, run_dir, *, model_only=False):
+    """Restores the latest checkpoint, if any; returns its path."""
+    path = setup.checkpoints.latest_checkpoint
+    if not path:
+        return None
+    target = tf.train.Checkpoint(model=setup.model) if model_only else setup.checkpoint
+    try:
+        status = target.restore(path)
+        if model_only:
+            status.expect_partial()
+        else:
+            status.assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
+        raise ConfigError(
+            "model_dir", run_dir.path, f"its checkpoint does not fit this configuration ({first_line(error)})"
+        ) from None
+    return path
+
+
+def train(config):
+    """Trains (or resumes) a run in --model_dir and writes its results."""
+    started = time.time()
+    run_dir = RunDir(config.model_dir)
+    setup = build(config, run_dir)
+    run_dir.check_compatible(config)
+    restored = _restore(setup, run_dir)
+    run_dir.start(config)
+    first_epoch = int(setup.epoch.numpy())
+    if restored:
+        logging.info("Resuming from %s (epoch %d done)", restored, first_epoch)
+    run_dir.keep_metrics_until(first_epoch)
+    logging.info("What trains (mode %s):\n%s", config.mode,
+                 trainability.format_table(trainability.parameter_table(setup.model)))
+    steps = setup.steps_per_epoch
+    slow = trainability.slow_batchnorm_momentum(setup.model, steps * config.epochs)
+    if slow:
+        logging.warning(
+            "BatchNorm momentum %g averages its statistics over ~%d steps, but this run has %d: "
+            "evaluation will lag training (consider --bn_momentum=0.99)",
+            slow, round(1 / (1 - slow)), steps * config.epochs,
+        )
+
+    before = trainability.snapshot(setup.model)
+    eval_dataset = None
+    if setup.eval_split:
+        eval_dataset = setup.devices.strategy.distribute_datasets_from_function(
+            pipeline.eval_dataset_fn(
+                setup.eval_split, image_size=config.image_size, global_batch_size=config.batch_size
+            )
+        )
+    last, throughput = loop.train_epochs(
+        setup=setup, run_dir=run_dir, eval_dataset=eval_dataset, steps=steps
+    )
+    if not last:  # Nothing left to train: report the last checkpointed epoch.
+        last = run_dir.last_metrics()
+    test = evaluate_split(setup, setup.test_split)
+
+    setup.model.save(run_dir.file("model.keras"))
+    setup.model.get_layer(BACKBONE_LAYER).save_weights(run_dir.file("backbone.weights.h5"))
+    trainable, frozen = trainability.parameter_counts(setup.model)
+    results = {
+        "job": "train",
+        "mode": config.mode,
+        "backbone": config.backbone,
+        "dataset": config.dataset,
+        "class_names": list(setup.source.class_names),
+        "global_step": int(setup.optimizer.iterations.numpy()),
+        "epochs_completed": int(setup.epoch.numpy()),
+        "trainable_params": trainable,
+        "non_trainable_params": frozen,
+        "train_loss": last["train_loss"],
+        "train_accuracy": last["train_accuracy"],
+        "eval_loss": last["eval_loss"],
+        "eval_accuracy": last["eval_accuracy"],
+        "test_loss": test["loss"] if test else None,
+        "test_accuracy": test["accuracy"] if test else None,
+        "test_examples": test["examples"] if test else None,
+        "images_per_sec": throughput.images_per_sec,
+        "devices": _describe(setup.devices),
+        "trainability_audit": trainability.audit(setup.model, before),
+        "wall_seconds": time.time() - started,
+    }
+    run_dir.write_json("results.json", results)
+    logging.info(
+        "Done: test accuracy %s, eval accuracy %s, %s images/sec; results in %s",
+        _fmt(results["test_accuracy"]), _fmt(results["eval_accuracy"]),
+        _fmt(results["images_per_sec"], ".0f"), run_dir.file("results.json"),
+    )
+    return results
+
+
+def evaluate(config):
+    """Evaluates the latest checkpoint of --model_dir on the eval and test splits."""
+    run_dir = RunDir(config.model_dir)
+    setup = build(config, run_dir, pretrained=False)
+    restored = _restore(setup, run_dir, model_only=True)
+    if not restored:
+        raise ConfigError("model_dir", config.model_dir, "has no checkpoint to evaluate")
+    evaluation = {"job": "evaluate", "checkpoint": restored}
+    for name, split in (("eval", setup.eval_split), ("test", setup.test_split)):
+        metrics = evaluate_split(setup, split)
+        for key in ("loss", "accuracy", "examples"):
+            evaluation[f"{name}_{key}"] = metrics[key] if metrics else None
+    run_dir.write_json("evaluation.json", evaluation)
+    logging.info(
+        "Evaluated %s: eval accuracy %s, test accuracy %s (%s test examples)",
+        restored, _fmt(evaluation["eval_accuracy"]), _fmt(evaluation["test_accuracy"]),
+        evaluation["test_examples"],
+    )
+    return evaluation
+
+
+def _describe(devices):
+    return {
+        "kind": devices.kind,
+        "replicas": devices.num_replicas,
+        "strategy": type(devices.strategy).__name__,
+        "precision": devices.precision,
+        "jit_compile": devices.jit_compile,
+    }
+
+
+def _fmt(value, spec=".4f"):
+    return "-" if value is None else format(value, spec)
+
+
+JOBS = {"train": train, "evaluate": evaluate}

@@ -1,0 +1,108 @@
+"""The outer training loop: epochs of `steps_per_loop` chunks, evaluation, checkpoints, summaries and
+progress. It only drives; the steps live in engine/trainer.py and the data in data/pipeline.py."""
+
+import time
+
+from absl import logging
+import tensorflow as tf
+import tqdm
+
+from data import pipeline
+from engine.trainer import summarize
+
+
+class Throughput:
+    """Training images/sec, leaving out the first call of the process (it includes tracing)."""
+
+    def __init__(self):
+        self.images = 0
+        self.seconds = 0.0
+        self.calls = 0
+
+    def add(self, images, seconds):
+        self.calls += 1
+        if self.calls > 1:
+            self.images += images
+            self.seconds += seconds
+
+    @property
+    def images_per_sec(self):
+        return self.images / self.seconds if self.seconds else None
+
+
+def train_epochs(*, setup, run_dir, eval_dataset, steps):
+    """Trains `steps` global steps per epoch from the checkpointed epoch to `--epochs`; returns (last
+    epoch's metrics, throughput)."""
+    config, trainer, strategy = setup.config, setup.trainer, setup.devices.strategy
+    first_epoch = int(setup.epoch.numpy())
+    dataset = strategy.distribute_datasets_from_function(
+        pipeline.train_dataset_fn(
+            setup.train_split, image_size=config.image_size, global_batch_size=config.batch_size,
+            steps_per_epoch=steps, seed=config.seed, first_epoch=first_epoch,
+        )
+    )
+    iterator = iter(dataset)
+    writers = {name: tf.summary.create_file_writer(run_dir.file("logs", name)) for name in ("train", "eval")}
+    throughput = Throughput()
+    record = {}
+    for epoch in range(first_epoch, config.epochs):
+        started = time.perf_counter()
+        totals = [0.0, 0.0, 0.0]
+        bar = tqdm.tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=True)
+        done = 0
+        while done < steps:
+            count = min(config.steps_per_loop, steps - done)
+            call_started = time.perf_counter()
+            sums = trainer.train_steps(iterator, tf.constant(count)).numpy()
+            throughput.add(count * config.batch_size, time.perf_counter() - call_started)
+            totals = [total + value for total, value in zip(totals, sums)]
+            done += count
+            current = summarize(totals)
+            bar.update(count)
+            bar.set_postfix(
+                loss=f"{current['loss']:.4f}", acc=f"{current['accuracy']:.4f}",
+                img_s=f"{throughput.images_per_sec or 0:.0f}",
+            )
+        bar.close()
+        train_metrics = summarize(totals)
+        eval_metrics = summarize(trainer.evaluate(eval_dataset)) if eval_dataset is not None else None
+        setup.epoch.assign(epoch + 1)
+        global_step = int(setup.optimizer.iterations.numpy())
+        record = {
+            "epoch": epoch + 1,
+            "global_step": global_step,
+            "train_loss": train_metrics["loss"],
+            "train_accuracy": train_metrics["accuracy"],
+            "eval_loss": eval_metrics["loss"] if eval_metrics else None,
+            "eval_accuracy": eval_metrics["accuracy"] if eval_metrics else None,
+            "images_per_sec": throughput.images_per_sec,
+            "learning_rate": float(setup.optimizer.learning_rate.numpy()),
+            "seconds": time.perf_counter() - started,
+        }
+        # Metrics first, then the checkpoint: a resume drops lines of epochs it has no checkpoint for.
+        run_dir.append_metrics(record)
+        setup.checkpoints.save(checkpoint_number=global_step)
+        _summaries(writers, record, global_step)
+        logging.info(
+            "epoch %d/%d: train loss %.4f acc %.4f%s | %s img/s",
+            epoch + 1, config.epochs, train_metrics["loss"], train_metrics["accuracy"],
+            f" | eval loss {eval_metrics['loss']:.4f} acc {eval_metrics['accuracy']:.4f}"
+            if eval_metrics else "",
+            f"{throughput.images_per_sec:.0f}" if throughput.images_per_sec else "-",
+        )
+    return record, throughput
+
+
+def _summaries(writers, record, step):
+    with writers["train"].as_default(step=step):
+        tf.summary.scalar("loss", record["train_loss"])
+        tf.summary.scalar("accuracy", record["train_accuracy"])
+        tf.summary.scalar("learning_rate", record["learning_rate"])
+        if record["images_per_sec"]:
+            tf.summary.scalar("images_per_sec", record["images_per_sec"])
+    if record["eval_loss"] is not None:
+        with writers["eval"].as_default(step=step):
+            tf.summary.scalar("loss", record["eval_loss"])
+            tf.summary.scalar("accuracy", record["eval_accuracy"])
+    for writer in writers.values():
+        writer.flush()

@@ -1,0 +1,98 @@
+"""The run directory (`--model_dir`): what a run leaves behind, and refusing to mix two runs in one.
+
+    flags.txt        the resolved flags; `--flagfile=flags.txt` reruns (or resumes) the run
+    checkpoints/     tf.train.CheckpointManager checkpoints (model, optimizer, epoch)
+    logs/train,eval  TensorBoard summaries
+    metrics.jsonl    one JSON line per epoch
+    results.json     final metrics, parameter counts, devices, trainability audit
+    model.keras      the trained classifier (takes raw uint8 images of any size)
+    backbone.weights.h5  its backbone alone, usable as --weights of another run
+"""
+
+import json
+import os
+
+from engine.config import ConfigError
+
+# Options that change what is in a checkpoint: a run dir holding another value of them is refused.
+IDENTITY = ("backbone", "alpha", "image_size", "dataset", "label_subset", "mode", "unfreeze", "optimizer")
+
+
+class RunDir:
+    def __init__(self, path):
+        self.path = path
+
+    def file(self, *parts):
+        return os.path.join(self.path, *parts)
+
+    @property
+    def checkpoints(self):
+        return self.file("checkpoints")
+
+    def check_compatible(self, config):
+        """Refuses a directory holding a run of another configuration (before anything is written)."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ConfigError("model_dir", self.path, "exists and is not a directory")
+        previous = read_flagfile(self.file("flags.txt"))
+        current = read_flagfile_text(config.to_flagfile())
+        for name in IDENTITY:
+            if name in previous and previous[name] != current.get(name):
+                raise ConfigError(
+                    "model_dir", self.path,
+                    f"holds a run with --{name}={previous[name]}, not {current.get(name)}; "
+                    "use another --model_dir",
+                )
+
+    def start(self, config):
+        """Creates the directory and writes flags.txt; the first write of a run."""
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            write_atomic(self.file("flags.txt"), config.to_flagfile())
+        except OSError as error:
+            raise ConfigError("model_dir", self.path, f"is not writable ({error.strerror})") from None
+
+    def append_metrics(self, record):
+        with open(self.file("metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def last_metrics(self):
+        """The last line of metrics.jsonl as a dict."""
+        with open(self.file("metrics.jsonl")) as f:
+            return json.loads(f.read().splitlines()[-1])
+
+    def keep_metrics_until(self, epoch):
+        """Drops metrics lines of epochs after `epoch` (written before a crash, not checkpointed)."""
+        path = self.file("metrics.jsonl")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epoch]
+        write_atomic(path, "".join(lines))
+
+    def write_json(self, name, data):
+        write_atomic(self.file(name), json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_atomic(path, text):
+    """Writes via a temporary file and a rename, so a kill never leaves half a file."""
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def read_flagfile(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return read_flagfile_text(f.read())
+
+
+def read_flagfile_text(text):
+    """`--name=value` lines -> {name: value} (strings)."""
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("--") and "=" in line:
+            name, value = line[2:].split("=", 1)
+            values[name] = value
+    return values

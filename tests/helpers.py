@@ -1,0 +1,76 @@
+"""Plain helpers for the tests (fixtures live in conftest.py)."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import tensorflow as tf
+
+from engine.config import Config, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+    """A validated config that trains in seconds: small_cnn, 32 px, three Fashion-MNIST classes."""
+    values = dict(
+        model_dir="unused",
+        backbone="small_cnn",
+        image_size=32,
+        weights="none",
+        mode="scratch",
+        dataset="fashion_mnist",
+        label_subset=(6, 0, 2),
+        train_split="train[:1%]",
+        eval_split="test[:100]",
+        test_split="test[100:200]",
+        batch_size=8,
+        epochs=1,
+        steps_per_loop=2,
+        dropout=0.0,
+    )
+    values.update(overrides)
+    return validate(Config(**values))
+
+
+def launch(*args, env=None, timeout=600):
+    """Runs launch.py in a subprocess; returns the CompletedProcess (text output)."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch.py"), *args],
+        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def tiny_flags(config):
+    """A tiny config as launch.py arguments."""
+    return [line for line in config.to_flagfile().splitlines() if line]
+
+
+def replace(config, **changes):
+    return validate(dataclasses.replace(config, **changes))
+
+
+def one_device():
+    return tf.distribute.OneDeviceStrategy("/cpu:0")
+
+
+def two_devices():
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def train_run(config, model_dir):
+    """Runs the train job in-process into `model_dir`; returns results.json as a dict."""
+    from engine import jobs
+
+    return jobs.train(replace(config, model_dir=str(model_dir)))
+
+
+def load_weights_file(path):
+    """{variable path: array} of a Keras .weights.h5 file, read through a small_cnn backbone."""
+    from models.backbones import BACKBONES
+
+    backbone = BACKBONES["small_cnn"].build((32, 32, 3), None, 1.0)
+    backbone.load_weights(path)
+    return {weight.path: weight.numpy() for weight in backbone.weights}

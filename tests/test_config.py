@@ -1,0 +1,75 @@
+"""engine/config.py: flags come from the Config fields, validation names the flag and the value."""
+
+import dataclasses
+
+from absl import flags
+import pytest
+
+from engine import config as config_lib
+from engine.config import Config, ConfigError, validate
+from engine.run_dir import read_flagfile_text
+
+
+def parse(*argv):
+    flag_values = flags.FlagValues()
+    config_lib.define_flags(flag_values)
+    flag_values(["launch.py", *argv])
+    return config_lib.from_flags(flag_values)
+
+
+def test_every_field_is_a_flag_with_its_default():
+    flag_values = flags.FlagValues()
+    config_lib.define_flags(flag_values)
+    for field in dataclasses.fields(Config):
+        default = flag_values[field.name].default
+        expected = list(field.default) if isinstance(field.default, tuple) else field.default
+        assert default == expected, f"--{field.name} default {default!r} != field {expected!r}"
+
+
+def test_flags_parse_into_a_validated_config():
+    config = parse("--model_dir=/tmp/x", "--backbone=small_cnn", "--label_subset=6,0,2", "--batch_size=16")
+    assert config.label_subset == (6, 0, 2)
+    assert config.batch_size == 16
+    assert config.image_size == 100, "image_size defaults to the backbone's own"
+
+
+def test_flagfile_text_rebuilds_the_same_config(tmp_path):
+    config = parse("--model_dir=/tmp/x", "--mode=finetune", "--unfreeze=5", "--label_subset=3,1")
+    flagfile = tmp_path / "flags.txt"
+    flagfile.write_text(config.to_flagfile())
+    assert parse(f"--flagfile={flagfile}") == config
+    assert read_flagfile_text(config.to_flagfile())["label_subset"] == "3,1"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"mode": "bogus"}, "--mode=bogus: must be one of scratch, frozen, finetune"),
+        ({"backbone": "vgg99"}, "--backbone=vgg99: must be one of"),
+        ({"optimizer": "lion"}, "--optimizer=lion: must be one of"),
+        ({"precision": "fp8"}, "--precision=fp8: must be one of"),
+        ({"strategy": "tpu_pod"}, "--strategy=tpu_pod: must be one of"),
+        ({"batch_size": 0}, "--batch_size=0: must be positive"),
+        ({"epochs": -1}, "--epochs=-1: must be positive"),
+        ({"learning_rate": 0.0}, "--learning_rate=0.0: must be positive"),
+        ({"image_size": 0}, "--image_size=0: must be positive"),
+        ({"mode": "finetune", "unfreeze": 0}, "--unfreeze=0: --mode=finetune needs"),
+        ({"label_subset": (1, 1)}, "--label_subset=1,1: labels must not repeat"),
+        ({"label_subset": (4,)}, "--label_subset=4: a classifier needs at least 2 labels"),
+        ({"model_dir": None}, "--model_dir=: --job=train needs a run directory"),
+        ({"weights": "/no/such.weights.h5"}, "--weights=/no/such.weights.h5: no such file"),
+        ({"cpu_replicas": 2, "jit_compile": "true"}, "--jit_compile=true: XLA cannot run"),
+        ({"cpu_replicas": 2, "strategy": "one_device"}, "--cpu_replicas=2: needs --strategy"),
+    ],
+)
+def test_bad_values_name_the_flag_and_value(changes, message):
+    config = dataclasses.replace(Config(model_dir="/tmp/x", backbone="small_cnn"), **changes)
+    with pytest.raises(ConfigError) as raised:
+        validate(config)
+    assert str(raised.value).startswith(message), str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_non_integer_labels_are_refused():
+    with pytest.raises(ConfigError, match=r"--label_subset=a,1: labels must be integers"):
+        parse("--model_dir=/tmp/x", "--label_subset=a,1")

@@ -1,0 +1,41 @@
+"""engine/distribute.py: strategy, precision and XLA decisions on a CPU-only machine."""
+
+import keras
+import pytest
+import tensorflow as tf
+
+from engine import distribute
+from engine.config import ConfigError
+from helpers import tiny_config
+
+
+def test_one_cpu_replica_uses_one_device_float32_without_xla():
+    devices = distribute.configure(tiny_config(cpu_replicas=1))
+    assert isinstance(devices.strategy, tf.distribute.OneDeviceStrategy)
+    assert (devices.kind, devices.num_replicas, devices.precision, devices.jit_compile) == (
+        "CPU", 1, "float32", False
+    )
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_cpu_replicas_mirror_over_logical_cpu_devices():
+    devices = distribute.configure(tiny_config(cpu_replicas=2))
+    assert isinstance(devices.strategy, tf.distribute.MirroredStrategy)
+    assert devices.num_replicas == 2
+    assert devices.precision == "float32" and not devices.jit_compile
+
+
+def test_explicit_precision_sets_the_keras_policy():
+    devices = distribute.configure(tiny_config(precision="mixed_bfloat16"))
+    assert devices.precision == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().compute_dtype == "bfloat16"
+
+
+def test_batch_must_divide_across_replicas():
+    with pytest.raises(ConfigError, match=r"^--batch_size=9: must be divisible by the 2 replicas$"):
+        distribute.configure(tiny_config(cpu_replicas=2, batch_size=9))
+
+
+def test_more_replicas_than_the_process_has_is_refused():
+    with pytest.raises(ConfigError, match=r"^--cpu_replicas=3: this process already runs with 2"):
+        distribute.configure(tiny_config(cpu_replicas=3))

@@ -1,0 +1,188 @@
+"""launch.py as a user runs it: the offline frozen default end to end, evaluate, and bad input."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from data import sources
+from engine.run_dir import read_flagfile
+from helpers import ROOT, launch, load_weights_file, tiny_config, tiny_flags
+from models.classifier import BACKBONE_LAYER, build_classifier
+
+SHIPPED = os.path.join(ROOT, "models", "pretrained", "mobilenet_v2_0.35_96_fmnist7.weights.h5")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def digest_tree(path):
+    """{relative path: sha1} of every file under `path`."""
+    digests = {}
+    for folder, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(folder, name)
+            with open(full, "rb") as f:
+                digests[os.path.relpath(full, path)] = hashlib.sha1(f.read()).hexdigest()
+    return digests
+
+
+def test_frozen_default_trains_writes_the_run_dir_and_evaluate_reproduces_it(data_dir, tmp_path):
+    model_dir = str(tmp_path / "frozen")
+    quick = ["--epochs=2", "--steps_per_epoch=3", "--eval_split=train[90%:91%]", "--test_split=test[:300]"]
+    result = launch("--flagfile=configs/frozen.flags", f"--model_dir={model_dir}", f"--data_dir={data_dir}", *quick)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epoch 2/2" in result.stderr and "img_s=" in result.stderr, "no progress bar"
+    assert "Devices: CPU x 1" in result.stderr and "precision float32, XLA off" in result.stderr
+    for name in ("flags.txt", "checkpoints", "logs/train", "logs/eval", "metrics.jsonl", "results.json",
+                 "model.keras", "backbone.weights.h5"):
+        assert os.path.exists(os.path.join(model_dir, name)), f"run dir lacks {name}"
+
+    results = read_json(os.path.join(model_dir, "results.json"))
+    for key in ("mode", "backbone", "dataset", "global_step", "epochs_completed", "trainable_params",
+                "non_trainable_params", "train_loss", "train_accuracy", "eval_accuracy", "test_accuracy",
+                "images_per_sec"):
+        assert results[key] is not None, f"results.json lacks {key}"
+    assert (results["mode"], results["backbone"], results["global_step"], results["epochs_completed"]) == (
+        "frozen", "mobilenet_v2", 6, 2
+    )
+    subset = sources.open_source(tiny_config(data_dir=data_dir, label_subset=(6, 0, 2)))
+    assert results["test_examples"] == subset.split("test[:300]", "test_split").num_examples
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2]
+    # Frozen means frozen: the backbone leaves the run bitwise as it came from the shipped file.
+    shipped, trained = load_mobilenet(SHIPPED), load_mobilenet(os.path.join(model_dir, "backbone.weights.h5"))
+    assert all(np.array_equal(shipped[k], trained[k]) for k in shipped), "frozen backbone weights moved"
+    assert results["trainability_audit"]["frozen_changed"] == 0
+
+    flags_file = os.path.join(model_dir, "flags.txt")
+    assert read_flagfile(flags_file)["image_size"] == "96"
+    evaluation = launch(f"--flagfile={flags_file}", "--job=evaluate")
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    evaluated = read_json(os.path.join(model_dir, "evaluation.json"))
+    assert evaluated["test_accuracy"] == results["test_accuracy"]
+    assert evaluated["eval_accuracy"] == results["eval_accuracy"]
+    assert evaluated["test_examples"] == results["test_examples"]
+
+
+def load_mobilenet(path):
+    backbone = build_classifier(
+        backbone="mobilenet_v2", image_size=96, channels=1, num_classes=3, alpha=0.35
+    ).get_layer(BACKBONE_LAYER)
+    backbone.load_weights(path)
+    return {weight.path: weight.numpy() for weight in backbone.weights}
+
+
+@pytest.fixture(scope="module")
+def earlier_run(pretrained_run, tmp_path_factory):
+    """A copy of a finished run, which no bad input may touch."""
+    path = str(tmp_path_factory.mktemp("earlier") / "run")
+    shutil.copytree(pretrained_run, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def wrong_architecture(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("wrong") / "mobilenet.weights.h5")
+    build_classifier(backbone="mobilenet_v2", image_size=32, channels=1, num_classes=3, alpha=0.35).get_layer(
+        BACKBONE_LAYER
+    ).save_weights(path)
+    return path
+
+
+BAD_INPUT = [
+    (["--backbone=vgg99"], "--backbone=vgg99: must be one of"),
+    (["--dataset=no_such_data"], "--dataset=no_such_data: is not a TFDS dataset"),
+    (["--mode=bogus"], "--mode=bogus: must be one of scratch, frozen, finetune"),
+    (["--train_split=train[:0]"], "--train_split=train[:0]: selects no examples"),
+    (["--cpu_replicas=2", "--batch_size=9"], "--batch_size=9: must be divisible by the 2 replicas"),
+    (["--flagfile=/no/such.flags"], "--flagfile: Unable to open flagfile"),
+    (["--mode=frozen", "--weights=/no/such.weights.h5"], "--weights=/no/such.weights.h5: no such file"),
+    (["--mode=frozen", "--weights={wrong}"], "--weights={wrong}: does not fit this backbone"),
+    (["--backbone=mobilenet_v2", "--alpha=0.35"], "--model_dir={run}: holds a run with --backbone=small_cnn"),
+    (["--batch_size=abc"], "flag --batch_size=abc: invalid literal"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_INPUT, ids=[" ".join(bad) for bad, _ in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_and_leaves_the_earlier_run_alone(
+    data_dir, earlier_run, wrong_architecture, bad, message
+):
+    before = digest_tree(earlier_run)
+    config = tiny_config(data_dir=data_dir, model_dir=earlier_run, train_split="train[:3%]")
+    args = [flag.format(wrong=wrong_architecture) for flag in bad]
+    result = launch(*tiny_flags(config), *args)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert errors == [errors[0]] and errors[0].startswith(
+        "error: " + message.format(wrong=wrong_architecture, run=earlier_run)
+    ), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert digest_tree(earlier_run) == before, "a refused command changed the earlier run's files"
+
+
+def test_the_offline_data_needs_no_network_and_small_runs_resume(data_dir, tmp_path):
+    model_dir = str(tmp_path / "run")
+    config = tiny_config(data_dir=data_dir, model_dir=model_dir, epochs=1, steps_per_epoch=2)
+    first = launch(*tiny_flags(config))
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = launch(*tiny_flags(config), "--epochs=2")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Resuming from" in second.stderr
+    results = read_json(os.path.join(model_dir, "results.json"))
+    assert (results["epochs_completed"], results["global_step"]) == (2, 4)
+    assert load_weights_file(os.path.join(model_dir, "backbone.weights.h5"))
+
+
+IMAGENET_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96_no_top.h5"
+
+
+def test_imagenet_weights_load_from_a_preseeded_keras_cache(data_dir, tmp_path):
+    """The real keras.applications path, offline: Keras finds the file in its cache and loads it."""
+    import h5py
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format  # The format of Keras' published files.
+
+    keras.utils.set_random_seed(7)
+    seeded = keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, include_top=False, weights=None)
+    cache = tmp_path / "keras_home" / "models"
+    cache.mkdir(parents=True)
+    with h5py.File(cache / IMAGENET_FILE, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, seeded)
+
+    model_dir = str(tmp_path / "run")
+    config = tiny_config(
+        data_dir=data_dir, model_dir=model_dir, backbone="mobilenet_v2", alpha=0.35, image_size=96,
+        mode="frozen", weights="imagenet", steps_per_epoch=2, test_split="",
+    )
+    result = launch(*tiny_flags(config), env={"KERAS_HOME": str(tmp_path / "keras_home")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = load_mobilenet(os.path.join(model_dir, "backbone.weights.h5"))
+    expected = {weight.path: weight.numpy() for weight in seeded.weights}
+    assert sorted(trained) == sorted(expected)
+    assert all(np.array_equal(trained[path], expected[path]) for path in expected), (
+        "the backbone does not hold the cached imagenet weights"
+    )
+
+
+def test_imagenet_download_failure_says_how_to_preseed_the_cache(data_dir, tmp_path):
+    config = tiny_config(
+        data_dir=data_dir, model_dir=str(tmp_path / "run"), backbone="mobilenet_v2", alpha=0.35,
+        image_size=96, mode="frozen", weights="imagenet",
+    )
+    offline = {"KERAS_HOME": str(tmp_path / "empty_home"), "https_proxy": "http://127.0.0.1:9",
+               "HTTPS_PROXY": "http://127.0.0.1:9"}
+    result = launch(*tiny_flags(config), env=offline)
+    assert result.returncode == 2
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and error[0].startswith(
+        "error: --weights=imagenet: could not get the mobilenet_v2 imagenet weights"
+    ), result.stderr[-2000:]
+    assert IMAGENET_FILE in error[0] and str(tmp_path / "empty_home" / "models") in error[0]
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "run"), "a failed start wrote into the run dir"

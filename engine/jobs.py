@@ -45,7 +45,6 @@ def build(config, run_dir, *, pretrained=True):
     `pretrained=False` skips loading backbone weights (a checkpoint will replace them anyway).
     """
     devices = distribute.configure(config)
-    keras.utils.set_random_seed(config.seed)
     source = sources.open_source(config)
     train_split = source.split(config.train_split, "train_split")
     eval_split = source.split(config.eval_split, "eval_split") if config.eval_split else None
@@ -71,6 +70,7 @@ def build(config, run_dir, *, pretrained=True):
         weights = "none"
     elif config.mode != "scratch" and weights == "none":
         logging.warning("--mode=%s with --weights=none: the backbone is random, not pretrained", config.mode)
+    keras.utils.set_random_seed(config.seed)  # Here, after data preparation, which may draw numbers.
     with devices.strategy.scope():
         model = build_classifier(
             backbone=config.backbone, image_size=config.image_size, channels=source.channels,

@@ -101,24 +101,29 @@ def build(config, run_dir, *, pretrained=True):
     )
     return Setup(
         config=config, devices=devices, source=source, train_split=train_split,
-        eval_split=eval_split, test_split=test_split, steps_per_epoch=steps_per_epoch, model=model, optimizer=optimizer,
-        trainer=trainer, epoch=epoch, checkpoint=checkpoint,
+        eval_split=eval_split, test_split=test_split, steps_per_epoch=steps_per_epoch, model=model,
+        optimizer=optimizer, trainer=trainer, epoch=epoch, checkpoint=checkpoint,
         checkpoints=tf.train.CheckpointManager(
             checkpoint, run_dir.checkpoints, max_to_keep=config.keep_checkpoints
         ),
     )
 
 
-def evaluate_split(setup, split):
-    """Exact loss and accuracy over every example of `split`."""
+def eval_dataset(setup, split):
+    """The distributed evaluation dataset of `split` (None for no split)."""
     if split is None:
         return None
-    dataset = setup.devices.strategy.distribute_datasets_from_function(
+    return setup.devices.strategy.distribute_datasets_from_function(
         pipeline.eval_dataset_fn(
             split, image_size=setup.config.image_size, global_batch_size=setup.config.batch_size
         )
     )
-    return summarize(setup.trainer.evaluate(dataset))
+
+
+def evaluate_split(setup, split):
+    """Exact loss and accuracy over every example of `split` (None for no split)."""
+    dataset = eval_dataset(setup, split)
+    return summarize(setup.trainer.evaluate(dataset)) if dataset else None
 
 
 def _restore(setup, run_dir, *, model_only=False):
@@ -164,15 +169,8 @@ def train(config):
         )
 
     before = trainability.snapshot(setup.model)
-    eval_dataset = None
-    if setup.eval_split:
-        eval_dataset = setup.devices.strategy.distribute_datasets_from_function(
-            pipeline.eval_dataset_fn(
-                setup.eval_split, image_size=config.image_size, global_batch_size=config.batch_size
-            )
-        )
     last, throughput = loop.train_epochs(
-        setup=setup, run_dir=run_dir, eval_dataset=eval_dataset, steps=steps
+        setup=setup, run_dir=run_dir, eval_dataset=eval_dataset(setup, setup.eval_split), steps=steps
     )
     if not last:  # Nothing left to train: report the last checkpointed epoch.
         last = run_dir.last_metrics()

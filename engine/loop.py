@@ -4,6 +4,7 @@ progress. It only drives; the steps live in engine/trainer.py and the data in da
 import time
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 import tqdm
 
@@ -47,7 +48,7 @@ def train_epochs(*, setup, run_dir, eval_dataset, steps):
     record = {}
     for epoch in range(first_epoch, config.epochs):
         started = time.perf_counter()
-        totals = [0.0, 0.0, 0.0]
+        totals = np.zeros(3)
         bar = tqdm.tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=True)
         done = 0
         while done < steps:
@@ -55,13 +56,13 @@ def train_epochs(*, setup, run_dir, eval_dataset, steps):
             call_started = time.perf_counter()
             sums = trainer.train_steps(iterator, tf.constant(count)).numpy()
             throughput.add(count * config.batch_size, time.perf_counter() - call_started)
-            totals = [total + value for total, value in zip(totals, sums)]
+            totals += sums
             done += count
             current = summarize(totals)
             bar.update(count)
             bar.set_postfix(
                 loss=f"{current['loss']:.4f}", acc=f"{current['accuracy']:.4f}",
-                img_s=f"{throughput.images_per_sec or 0:.0f}",
+                img_s=f"{throughput.images_per_sec:.0f}" if throughput.images_per_sec else "-",
             )
         bar.close()
         train_metrics = summarize(totals)

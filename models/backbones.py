@@ -8,9 +8,15 @@ interchangeable between grayscale and colour datasets.
 """
 
 import dataclasses
+import inspect
 from typing import Callable
 
 import keras
+
+
+def repeat_gray(images):
+    """Grayscale -> RGB by repeating the channel: what ImageNet-trained backbones expect of gray input."""
+    return keras.ops.repeat(images, 3, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,10 +24,15 @@ class Backbone:
     name: str
     # (input_shape, weights: "imagenet" or None, alpha) -> keras.Model without a classifier top.
     build: Callable
-    # float32 RGB pixels in [0, 255] -> the input scale the weights were trained with.
+    # float32 RGB pixels in [0, 255] -> the input scale the weights were trained with: keras.applications'
+    # own preprocess_input (a pass-through where the model rescales inside itself).
     preprocess: Callable
     default_image_size: int
     has_imagenet_weights: bool = True
+    # Whether `--alpha` (a width multiplier) means anything to it.
+    has_alpha: bool = False
+    # 1-channel float images -> 3 channels, before `preprocess`.
+    grayscale_to_rgb: Callable = repeat_gray
 
 
 def _small_cnn(input_shape, weights, alpha):
@@ -37,25 +48,45 @@ def _small_cnn(input_shape, weights, alpha):
     return keras.Model(inputs, x, name="small_cnn")
 
 
-def _mobilenet_v2(input_shape, weights, alpha):
-    return keras.applications.MobileNetV2(
-        input_shape=input_shape, alpha=alpha, include_top=False, weights=weights
-    )
+def _application(constructor):
+    """A keras.applications constructor as a registry `build`; `alpha` goes where it is a parameter."""
+    takes_alpha = "alpha" in inspect.signature(constructor).parameters
+
+    def build(input_shape, weights, alpha):
+        width = {"alpha": alpha} if takes_alpha else {}
+        return constructor(input_shape=input_shape, include_top=False, weights=weights, **width)
+
+    return build
 
 
 def _scale_unit(x):
     return x / 255.0
 
 
+applications = keras.applications
 BACKBONES = {
     entry.name: entry
     for entry in (
         Backbone("small_cnn", _small_cnn, _scale_unit, default_image_size=100, has_imagenet_weights=False),
+        # Scales to [-1, 1] in preprocess.
         Backbone(
-            "mobilenet_v2",
-            _mobilenet_v2,
-            keras.applications.mobilenet_v2.preprocess_input,  # [-1, 1]
-            default_image_size=224,
+            "mobilenet_v2", _application(applications.MobileNetV2),
+            applications.mobilenet_v2.preprocess_input, default_image_size=224, has_alpha=True,
+        ),
+        # Scales to [-1, 1] inside the model (include_preprocessing=True).
+        Backbone(
+            "mobilenet_v3_small", _application(applications.MobileNetV3Small),
+            applications.mobilenet_v3.preprocess_input, default_image_size=224, has_alpha=True,
+        ),
+        # Caffe style: RGB -> BGR, ImageNet channel means subtracted, no scaling.
+        Backbone(
+            "resnet50", _application(applications.ResNet50),
+            applications.resnet50.preprocess_input, default_image_size=224,
+        ),
+        # Rescaling and Normalization layers inside the model.
+        Backbone(
+            "efficientnet_b0", _application(applications.EfficientNetB0),
+            applications.efficientnet.preprocess_input, default_image_size=224,
         ),
     )
 }

@@ -33,7 +33,7 @@ class Preprocess(keras.layers.Layer):
         if tuple(x.shape[1:3]) != size:  # The input pipeline already resizes; exported models may not.
             x = keras.ops.image.resize(x, size)
         if x.shape[-1] == 1:
-            x = keras.ops.repeat(x, 3, axis=-1)
+            x = BACKBONES[self.backbone].grayscale_to_rgb(x)
         return BACKBONES[self.backbone].preprocess(x)
 
     def compute_output_shape(self, input_shape):

@@ -7,13 +7,15 @@ once, and raises `ConfigError`, which `launch.py` prints as one line naming the 
 
 import dataclasses
 import os
+import re
 
 from absl import flags
 
 from models.backbones import BACKBONES
 
-JOBS = ("train", "evaluate")
+JOBS = ("train", "evaluate", "export")
 MODES = ("scratch", "frozen", "finetune")
+BN_POLICIES = ("frozen", "train")
 OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 STRATEGIES = ("auto", "mirrored", "one_device")
@@ -56,10 +58,28 @@ class Config:
         "finetune: pretrained backbone, top --unfreeze layers and head train.",
         choices=MODES,
     )
+    # finetune rules: exactly one of these three.
     unfreeze: int = _option(0, "finetune: how many of the backbone's top layers with weights train.")
+    unfreeze_from: str = _option("", "finetune: this backbone layer and every layer above it train.")
+    trainable_regex: str = _option(
+        "", "finetune: backbone variables whose path (e.g. block_16_project/kernel) matches train."
+    )
+    bn: str = _option(
+        "frozen",
+        "frozen: backbone BatchNorm stays in inference mode with fixed statistics, even in unfrozen "
+        "layers; train: unfrozen BatchNorm layers train and update their statistics. "
+        "(scratch always trains them.)",
+        choices=BN_POLICIES,
+    )
+    head_epochs: int = _option(
+        0, "finetune: train the head alone for this many epochs first, then unfreeze (staged)."
+    )
+    backbone_lr_mult: float = _option(
+        1.0, "Learning-rate multiplier of backbone variables (discriminative rates), e.g. 0.1."
+    )
     # The model.
     backbone: str = _option("mobilenet_v2", "Backbone architecture.", choices=tuple(BACKBONES))
-    alpha: float = _option(1.0, "MobileNetV2 width multiplier.")
+    alpha: float = _option(1.0, "Width multiplier of the MobileNets.")
     image_size: int = _option(None, "Square input size in pixels (default: the backbone's own).", kind=int)
     weights: str = _option(
         "imagenet",
@@ -181,6 +201,8 @@ def validate(config):
             raise ConfigError(name, value, "must be positive")
     if config.image_size is not None and config.image_size < 8:
         raise ConfigError("image_size", config.image_size, "must be at least 8 pixels")
+    if config.alpha != 1.0 and not BACKBONES[config.backbone].has_alpha:
+        raise ConfigError("alpha", config.alpha, f"{config.backbone} has no width multiplier")
     if not 0 <= config.dropout < 1:
         raise ConfigError("dropout", config.dropout, "must be in [0, 1)")
     if config.bn_momentum is not None and not 0 <= config.bn_momentum < 1:
@@ -191,8 +213,34 @@ def validate(config):
         raise ConfigError("warmup_steps", config.warmup_steps, "must not be negative")
     if config.unfreeze < 0:
         raise ConfigError("unfreeze", config.unfreeze, "must not be negative")
-    if config.mode == "finetune" and config.unfreeze == 0:
-        raise ConfigError("unfreeze", 0, "--mode=finetune needs at least one layer to unfreeze")
+    rules = {name: getattr(config, name) for name in ("unfreeze", "unfreeze_from", "trainable_regex")
+             if getattr(config, name)}
+    if config.mode == "finetune" and len(rules) != 1:
+        flag, value = next(iter(rules.items())) if rules else ("unfreeze", 0)
+        raise ConfigError(
+            flag, value,
+            "--mode=finetune needs exactly one of --unfreeze, --unfreeze_from, --trainable_regex",
+        )
+    if config.mode != "finetune" and rules:
+        flag, value = next(iter(rules.items()))
+        raise ConfigError(flag, value, f"only --mode=finetune unfreezes layers, not --mode={config.mode}")
+    if config.trainable_regex:
+        try:
+            re.compile(config.trainable_regex)
+        except re.error as error:
+            raise ConfigError(
+                "trainable_regex", config.trainable_regex, f"not a regular expression ({error})"
+            ) from None
+    if config.head_epochs < 0:
+        raise ConfigError("head_epochs", config.head_epochs, "must not be negative")
+    if config.head_epochs and config.mode != "finetune":
+        raise ConfigError("head_epochs", config.head_epochs, "stages a --mode=finetune run only")
+    if config.head_epochs and config.head_epochs >= config.epochs:
+        raise ConfigError(
+            "head_epochs", config.head_epochs, f"leaves no epoch to fine-tune (--epochs={config.epochs})"
+        )
+    if config.backbone_lr_mult <= 0:
+        raise ConfigError("backbone_lr_mult", config.backbone_lr_mult, "must be positive (freeze with --mode)")
     if len(set(config.label_subset)) != len(config.label_subset):
         raise ConfigError("label_subset", config.label_subset, "labels must not repeat")
     if any(label < 0 for label in config.label_subset):

@@ -5,6 +5,7 @@
 """
 
 import dataclasses
+import os
 import time
 
 from absl import logging
@@ -32,11 +33,35 @@ class Setup:
     test_split: sources.Split
     steps_per_epoch: int
     model: keras.Model
+    trained_variables: list  # Every variable the run trains, in any stage.
     optimizer: keras.optimizers.Optimizer
-    trainer: Trainer
     epoch: tf.Variable
     checkpoint: tf.train.Checkpoint
     checkpoints: tf.train.CheckpointManager
+    trainer: Trainer = None  # The current stage's; see trainer_for.
+    stage: str = None
+
+    def stage_of(self, epoch):
+        """The mode that trains `epoch`: a staged finetune run trains the head alone first."""
+        return "frozen" if epoch < self.config.head_epochs else self.config.mode
+
+    def trainer_for(self, epoch):
+        """The Trainer of `epoch`'s stage. Entering a stage sets what trains and traces its steps once."""
+        stage = self.stage_of(epoch)
+        if stage != self.stage:
+            config = self.config
+            variables = trainability.apply(
+                self.model, mode=stage, rule=trainability.Rule.from_config(config), bn=config.bn
+            )
+            if self.stage is not None:
+                logging.info("Stage %s from epoch %d: %d variables train", stage, epoch + 1, len(variables))
+            self.trainer = Trainer(
+                model=self.model, optimizer=self.optimizer, strategy=self.devices.strategy,
+                global_batch_size=config.batch_size, variables=variables,
+                jit_compile=self.devices.jit_compile,
+            )
+            self.stage = stage
+        return self.trainer
 
 
 def build(config, run_dir, *, pretrained=True):
@@ -79,30 +104,27 @@ def build(config, run_dir, *, pretrained=True):
         )
         if pretrained and weights not in ("imagenet", "none"):
             load_backbone_weights(model, weights)
-        trainability.apply_mode(
-            model, mode=config.mode, unfreeze=config.unfreeze, bn_momentum=config.bn_momentum
+        # The last stage trains the most: the optimizer is built over its variables once.
+        trained = trainability.apply(
+            model, mode=config.mode, rule=trainability.Rule.from_config(config), bn=config.bn,
+            bn_momentum=config.bn_momentum,
         )
-        learning_rate = learning_rate_schedule(
-            learning_rate=config.learning_rate, schedule=config.lr_schedule,
-            warmup_steps=config.warmup_steps, total_steps=steps_per_epoch * config.epochs,
-        )
+        backbone = {id(weight) for weight in model.get_layer(BACKBONE_LAYER).weights}
         optimizer = make_optimizer(
-            name=config.optimizer, learning_rate=learning_rate,
-            weight_decay=config.weight_decay, precision=devices.precision,
+            name=config.optimizer,
+            learning_rate=learning_rate_schedule(
+                learning_rate=config.learning_rate, schedule=config.lr_schedule,
+                warmup_steps=config.warmup_steps, total_steps=steps_per_epoch * config.epochs,
+            ),
+            weight_decay=config.weight_decay, precision=devices.precision, variables=trained,
+            lr_multipliers={id(w): config.backbone_lr_mult for w in trained if id(w) in backbone},
         )
-        # Built here, inside the scope, before any step is traced (Keras 3 needs this under
-        # tf.distribute).
-        optimizer.build(model.trainable_variables)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch)
-    trainer = Trainer(
-        model=model, optimizer=optimizer, strategy=devices.strategy,
-        global_batch_size=config.batch_size, jit_compile=devices.jit_compile,
-    )
     return Setup(
         config=config, devices=devices, source=source, train_split=train_split,
         eval_split=eval_split, test_split=test_split, steps_per_epoch=steps_per_epoch, model=model,
-        optimizer=optimizer, trainer=trainer, epoch=epoch, checkpoint=checkpoint,
+        trained_variables=trained, optimizer=optimizer, epoch=epoch, checkpoint=checkpoint,
         checkpoints=tf.train.CheckpointManager(
             checkpoint, run_dir.checkpoints, max_to_keep=config.keep_checkpoints
         ),
@@ -123,7 +145,8 @@ def eval_dataset(setup, split):
 def evaluate_split(setup, split):
     """Exact loss and accuracy over every example of `split` (None for no split)."""
     dataset = eval_dataset(setup, split)
-    return summarize(setup.trainer.evaluate(dataset)) if dataset else None
+    trainer = setup.trainer or setup.trainer_for(int(setup.epoch.numpy()))
+    return summarize(trainer.evaluate(dataset)) if dataset else None
 
 
 def _restore(setup, run_dir, *, model_only=False):
@@ -157,8 +180,11 @@ def train(config):
     if restored:
         logging.info("Resuming from %s (epoch %d done)", restored, first_epoch)
     run_dir.keep_metrics_until(first_epoch)
-    logging.info("What trains (mode %s):\n%s", config.mode,
-                 trainability.format_table(trainability.parameter_table(setup.model)))
+    logging.info(
+        "What trains (mode %s%s):\n%s", config.mode,
+        f", the head alone for the first {config.head_epochs} epochs" if config.head_epochs else "",
+        trainability.format_table(trainability.parameter_table(setup.model, setup.trained_variables)),
+    )
     steps = setup.steps_per_epoch
     slow = trainability.slow_batchnorm_momentum(setup.model, steps * config.epochs)
     if slow:
@@ -178,7 +204,7 @@ def train(config):
 
     setup.model.save(run_dir.file("model.keras"))
     setup.model.get_layer(BACKBONE_LAYER).save_weights(run_dir.file("backbone.weights.h5"))
-    trainable, frozen = trainability.parameter_counts(setup.model)
+    trainable, frozen = trainability.parameter_counts(setup.model, setup.trained_variables)
     results = {
         "job": "train",
         "mode": config.mode,
@@ -198,7 +224,7 @@ def train(config):
         "test_examples": test["examples"] if test else None,
         "images_per_sec": throughput.images_per_sec,
         "devices": _describe(setup.devices),
-        "trainability_audit": trainability.audit(setup.model, before),
+        "trainability_audit": trainability.audit(setup.model, before, setup.trained_variables),
         "wall_seconds": time.time() - started,
     }
     run_dir.write_json("results.json", results)
@@ -231,6 +257,19 @@ def evaluate(config):
     return evaluation
 
 
+def export(config):
+    """Writes the trained classifier as a SavedModel for TF Serving: raw uint8 images of any size in,
+    logits out (its `serve` function), the preprocessing inside."""
+    run_dir = RunDir(config.model_dir)
+    source = run_dir.file("model.keras")
+    if not os.path.exists(source):
+        raise ConfigError("model_dir", config.model_dir, "has no model.keras to export (train it first)")
+    target = run_dir.file("saved_model")
+    keras.saving.load_model(source).export(target, verbose=False)
+    logging.info("Exported %s to %s (signature serving_default: uint8 images -> logits)", source, target)
+    return {"job": "export", "saved_model": target}
+
+
 def _describe(devices):
     return {
         "kind": devices.kind,
@@ -245,4 +284,4 @@ def _fmt(value, spec=".4f"):
     return "-" if value is None else format(value, spec)
 
 
-JOBS = {"train": train, "evaluate": evaluate}
+JOBS = {"train": train, "evaluate": evaluate, "export": export}

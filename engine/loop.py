@@ -34,7 +34,7 @@ class Throughput:
 def train_epochs(*, setup, run_dir, eval_dataset, steps):
     """Trains `steps` global steps per epoch from the checkpointed epoch to `--epochs`; returns (last
     epoch's metrics, throughput)."""
-    config, trainer, strategy = setup.config, setup.trainer, setup.devices.strategy
+    config, strategy = setup.config, setup.devices.strategy
     first_epoch = int(setup.epoch.numpy())
     dataset = strategy.distribute_datasets_from_function(
         pipeline.train_dataset_fn(
@@ -47,6 +47,7 @@ def train_epochs(*, setup, run_dir, eval_dataset, steps):
     throughput = Throughput()
     record = {}
     for epoch in range(first_epoch, config.epochs):
+        trainer = setup.trainer_for(epoch)
         started = time.perf_counter()
         totals = np.zeros(3)
         bar = tqdm.tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=True)

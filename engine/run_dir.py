@@ -15,7 +15,10 @@ import os
 from engine.config import ConfigError
 
 # Options that change what is in a checkpoint: a run dir holding another value of them is refused.
-IDENTITY = ("backbone", "alpha", "image_size", "dataset", "label_subset", "mode", "unfreeze", "optimizer")
+IDENTITY = (
+    "backbone", "alpha", "image_size", "dataset", "label_subset", "mode", "unfreeze", "unfreeze_from",
+    "trainable_regex", "bn", "optimizer",
+)
 
 
 class RunDir:

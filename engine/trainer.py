@@ -31,11 +31,13 @@ def learning_rate_schedule(*, learning_rate, schedule, warmup_steps, total_steps
     )
 
 
-def make_optimizer(*, name, learning_rate, weight_decay, precision):
-    """A Keras 3 optimizer; weight decay (if any) skips biases and BatchNorm parameters.
+def make_optimizer(*, name, learning_rate, weight_decay, precision, variables, lr_multipliers=None):
+    """A Keras 3 optimizer built over `variables`: every variable that will ever train in this run, so
+    a staged run's later stages keep the optimizer state of earlier ones.
 
-    `learning_rate` is a float or a schedule. Create the optimizer inside `strategy.scope()` and
-    `build` it there before any step is traced.
+    Weight decay (if any) skips biases and BatchNorm parameters. `lr_multipliers` maps variables (by
+    identity) to learning-rate multipliers (discriminative rates). Call inside `strategy.scope()`,
+    before any step is traced: a Keras 3 optimizer built lazily inside a replicated step fails.
     """
     classes = {
         "adam": keras.optimizers.Adam,
@@ -49,9 +51,31 @@ def make_optimizer(*, name, learning_rate, weight_decay, precision):
     )
     if weight_decay:
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    inner = optimizer
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(variables)
+    if lr_multipliers and any(value != 1.0 for value in lr_multipliers.values()):
+        _scale_learning_rates(inner, {
+            inner._get_variable_index(variable): lr_multipliers.get(id(variable), 1.0)
+            for variable in variables
+        })
     return optimizer
+
+
+def _scale_learning_rates(optimizer, multipliers):
+    """Makes `optimizer` multiply its learning rate per variable (by index in its built variables).
+
+    Keras 3 optimizers take one learning rate; their per-variable `update_step` is where a parameter
+    group's rate belongs, so the instance's `update_step` is wrapped there.
+    """
+    update_step = optimizer.update_step
+
+    def scaled_update_step(gradient, variable, learning_rate):
+        multiplier = multipliers[optimizer._get_variable_index(variable)]
+        return update_step(gradient, variable, learning_rate * multiplier if multiplier != 1.0 else learning_rate)
+
+    optimizer.update_step = scaled_update_step
 
 
 def per_example_loss(labels, logits):
@@ -74,18 +98,18 @@ def _sums(loss, correct, weights=None):
 
 
 class Trainer:
-    """Compiled training and evaluation loops for one model, optimizer and strategy.
+    """Compiled training and evaluation loops for one model, optimizer, strategy and set of variables.
 
-    The variables that train are fixed at construction (`model.trainable_variables` then): gradients
-    are taken for those only, so frozen variables never reach the optimizer.
+    Gradients are taken for `variables` only (models/trainability.py decides them), so frozen variables
+    never reach the optimizer. A new set of variables (a new stage) is a new Trainer: one trace each.
     """
 
-    def __init__(self, *, model, optimizer, strategy, global_batch_size, jit_compile=False):
+    def __init__(self, *, model, optimizer, strategy, global_batch_size, variables, jit_compile=False):
         self.model = model
         self.optimizer = optimizer
         self.strategy = strategy
         self.global_batch_size = global_batch_size
-        self.variables = list(model.trainable_variables)
+        self.variables = list(variables)
         replica_step = self._replica_train_step
         if jit_compile:  # XLA on the per-replica computation only, not on the distribution.
             replica_step = tf.function(replica_step, jit_compile=True)

@@ -1,16 +1,39 @@
-"""What receives gradients: the single place that sets `trainable`, and the audit that checks it held.
+"""What receives gradients: the one resolver that decides it, the table that shows it, the audit that
+proves it held.
 
-Freezing is done by `layer.trainable = False`, never by zeroing gradients: frozen variables are then
-absent from the gradient tape and the optimizer, so momentum and weight decay cannot move them. A
-BatchNormalization layer with `trainable = False` also runs in inference mode (Keras semantics): it
-normalises with its moving statistics and never updates them.
+`apply` turns the mode and one rule into the exact list of variables that train (the optimizer sees no
+other) and sets `layer.trainable` to match, which also puts frozen BatchNorm layers in inference mode
+(Keras semantics: they normalise with their moving statistics and never update them). Freezing is never
+done by zeroing gradients: frozen variables are absent from the gradient tape and the optimizer, so
+momentum and weight decay cannot move them.
 """
 
-import numpy as np
+import dataclasses
+import re
+
 import keras
+import numpy as np
 
 from engine.config import ConfigError
 from models.classifier import BACKBONE_LAYER
+
+BN = keras.layers.BatchNormalization
+# Block prefixes of keras.applications layer names: block_13_ (MobileNetV2), block2a_ (EfficientNet),
+# conv4_block3_ (ResNet), expanded_conv_3_ (MobileNetV3), block1_ (small_cnn).
+_BLOCK = re.compile(r"^(block_?\d+[a-z]?|conv\d+_block\d+|expanded_conv(_\d+)?)(?=_)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Which backbone layers `finetune` trains; exactly one field is set (validated in config)."""
+
+    unfreeze: int = 0  # The top N layers that own weights.
+    unfreeze_from: str = ""  # This layer and every layer above it.
+    regex: str = ""  # Variables whose path (e.g. block_16_project/kernel) matches.
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.unfreeze, config.unfreeze_from, config.trainable_regex)
 
 
 def weighted_layers(backbone):
@@ -18,91 +41,134 @@ def weighted_layers(backbone):
     return [layer for layer in backbone.layers if layer.weights]
 
 
-def apply_mode(model, *, mode, unfreeze=0, bn_momentum=None):
-    """Sets `trainable` on every layer for the mode; the head always trains.
+def apply(model, *, mode, rule=Rule(), bn="frozen", bn_momentum=None):
+    """Sets `trainable` on every layer and returns the variables that train, head first.
 
-    scratch: everything trains, BatchNorm included. frozen: the backbone is fixed. finetune: the top
-    `unfreeze` layers with weights train, while every backbone BatchNorm stays in inference mode with
-    fixed statistics (the Keras transfer-learning guide's advice for fine-tuning).
+    scratch: everything trains, BatchNorm included. frozen: only the head. finetune: the head and the
+    backbone variables the rule selects; with `bn="frozen"` every backbone BatchNorm stays in inference
+    mode with fixed parameters and statistics (the Keras transfer-learning guide's advice), with
+    `bn="train"` selected BatchNorm layers train and update their statistics.
     `bn_momentum` replaces the momentum of the backbone's BatchNorm layers: keras.applications use
     0.999, whose moving statistics lag far behind the weights in a short run from scratch, so the
-    model evaluates at chance while it trains well (the MobileNetV2 tutorial's scratch result).
+    model evaluates near chance while it trains well (the MobileNetV2 tutorial's scratch result).
     """
     backbone = model.get_layer(BACKBONE_LAYER)
+    for layer in _all_layers(model):  # Every layer on, so every candidate variable is visible below.
+        layer.trainable = True
     if bn_momentum is not None:
         for layer in backbone.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
+            if isinstance(layer, BN):
                 layer.momentum = bn_momentum
-    model.trainable = True
-    if mode == "frozen":
-        backbone.trainable = False
-    elif mode == "finetune":
-        layers = weighted_layers(backbone)
-        if unfreeze > len(layers):
+    if mode == "scratch":
+        selected = backbone.trainable_weights
+    elif mode == "frozen":
+        selected = []
+    else:
+        selected = _select(backbone, rule)
+    selected = {id(weight) for weight in selected}
+
+    for layer in backbone.layers:
+        chosen = any(id(weight) in selected for weight in layer.trainable_weights)
+        if isinstance(layer, BN) and mode != "scratch" and bn == "frozen":
+            chosen = False
+        layer.trainable = chosen
+    head = [weight for layer in model.layers if layer is not backbone for weight in layer.trainable_weights]
+    return head + [weight for weight in backbone.trainable_weights if id(weight) in selected]
+
+
+def _select(backbone, rule):
+    """The backbone variables a finetune rule names (all layers trainable when called)."""
+    layers = backbone.layers
+    if rule.unfreeze:
+        weighted = weighted_layers(backbone)
+        if rule.unfreeze > len(weighted):
             raise ConfigError(
-                "unfreeze", unfreeze, f"the backbone has only {len(layers)} layers with weights"
+                "unfreeze", rule.unfreeze, f"the backbone has only {len(weighted)} layers with weights"
             )
-        for layer in layers[: len(layers) - unfreeze]:
-            layer.trainable = False
-        for layer in backbone.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = False
+        return [weight for layer in weighted[len(weighted) - rule.unfreeze:] for weight in layer.trainable_weights]
+    if rule.unfreeze_from:
+        names = [layer.name for layer in layers]
+        if rule.unfreeze_from not in names:
+            examples = ", ".join(names[i] for i in (1, len(names) // 2, -1))
+            raise ConfigError(
+                "unfreeze_from", rule.unfreeze_from, f"no such backbone layer (names look like {examples})"
+            )
+        start = names.index(rule.unfreeze_from)
+        return [weight for layer in layers[start:] for weight in layer.trainable_weights]
+    pattern = re.compile(rule.regex)
+    matched = [weight for weight in backbone.trainable_weights if pattern.search(weight.path)]
+    if not matched:
+        example = backbone.trainable_weights[-1].path
+        raise ConfigError(
+            "trainable_regex", rule.regex, f"matches no backbone variable (paths look like {example})"
+        )
+    return matched
+
+
+def frozen_weights(model, trained):
+    """Weights that training must leave bitwise unchanged: all but `trained` and the moving
+    statistics of BatchNorm layers that train (those update by design)."""
+    moving = {
+        id(weight)
+        for layer in _all_layers(model)
+        if isinstance(layer, BN) and layer.trainable
+        for weight in layer.non_trainable_weights
+    }
+    trained = {id(weight) for weight in trained}
+    return [weight for weight in model.weights if id(weight) not in trained and id(weight) not in moving]
+
+
+def parameter_counts(model, trained):
+    """(trainable, frozen) parameter counts: `trained` against everything else."""
+    trainable = _count(trained)
+    return trainable, _count(model.weights) - trainable
+
+
+def parameter_table(model, trained):
+    """Rows (group, layers, trainable params, frozen params): backbone blocks bottom to top, the head,
+    the total. A group is a block of the architecture (block_13, conv4_block2, ...) or its stem/top."""
+    trained = {id(weight) for weight in trained}
+    backbone = model.get_layer(BACKBONE_LAYER)
+    rows, index, seen_block = [], {}, False
+    for layer in weighted_layers(backbone):
+        name = _group(layer.name, seen_block)
+        seen_block = seen_block or name not in ("stem", "top")
+        if name not in index:
+            index[name] = len(rows)
+            rows.append([name, 0, 0, 0])
+        row = rows[index[name]]
+        row[1] += 1
+        for weight in layer.weights:
+            row[2 if id(weight) in trained else 3] += int(np.prod(weight.shape))
+    head = [layer for layer in model.layers if layer is not backbone and layer.weights]
+    head_weights = [weight for layer in head for weight in layer.weights]
+    rows.append(["head", len(head), _count(w for w in head_weights if id(w) in trained),
+                 _count(w for w in head_weights if id(w) not in trained)])
+    total_trainable = sum(row[2] for row in rows)
+    rows.append(["total", sum(row[1] for row in rows), total_trainable, sum(row[3] for row in rows)])
+    return [tuple(row) for row in rows]
+
+
+def format_table(rows):
+    lines = [f"{'group':<18}{'layers':>8}{'trainable':>14}{'frozen':>14}"]
+    for name, layers, trainable, frozen in rows:
+        lines.append(f"{name:<18}{layers:>8}{trainable:>14,}{frozen:>14,}")
+    return "\n".join(lines)
+
+
+def _group(layer_name, after_first_block):
+    match = _BLOCK.match(layer_name)
+    if match:
+        return match.group(1)
+    return "top" if after_first_block else "stem"
 
 
 def slow_batchnorm_momentum(model, total_steps):
     """The momentum of BatchNorm layers that train, if their moving statistics (an average over about
     1/(1-momentum) steps) cannot settle within the run; else None."""
-    momenta = [
-        layer.momentum for layer in _all_layers(model)
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-    ]
+    momenta = [layer.momentum for layer in _all_layers(model) if isinstance(layer, BN) and layer.trainable]
     slow = [momentum for momentum in momenta if total_steps < 5 / (1 - momentum)]
     return max(slow) if slow else None
-
-
-def parameter_counts(model):
-    """(trainable, frozen) parameter counts of the whole model."""
-    return _count(model.trainable_weights), _count(model.non_trainable_weights)
-
-
-def parameter_table(model):
-    """Rows (group, trainable params, frozen params) for the backbone, the head and the total."""
-    backbone = model.get_layer(BACKBONE_LAYER)
-    head = [layer for layer in model.layers if layer is not backbone]
-    rows = [("backbone", _count(backbone.trainable_weights), _count(backbone.non_trainable_weights))]
-    trained = [layer.name for layer in weighted_layers(backbone) if layer.trainable_weights]
-    if trained and len(trained) < len(weighted_layers(backbone)):
-        rows.append((f"  trains from {trained[0]}", None, None))
-    rows.append((
-        "head",
-        sum(_count(layer.trainable_weights) for layer in head),
-        sum(_count(layer.non_trainable_weights) for layer in head),
-    ))
-    rows.append(("total", *parameter_counts(model)))
-    return rows
-
-
-def format_table(rows):
-    lines = [f"{'group':<34}{'trainable':>12}{'frozen':>12}"]
-    for name, trainable, frozen in rows:
-        if trainable is None:
-            lines.append(name)
-        else:
-            lines.append(f"{name:<34}{trainable:>12,}{frozen:>12,}")
-    return "\n".join(lines)
-
-
-def frozen_weights(model):
-    """Weights that training must leave bitwise unchanged.
-
-    Everything not trainable, except the moving statistics of BatchNorm layers that train (those
-    update by design).
-    """
-    moving = set()
-    for layer in _all_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
-            moving.update(id(weight) for weight in layer.non_trainable_weights)
-    return [weight for weight in model.non_trainable_weights if id(weight) not in moving]
 
 
 def snapshot(model):
@@ -110,20 +176,20 @@ def snapshot(model):
     return {weight.path: np.array(weight.numpy(), copy=True) for weight in model.weights}
 
 
-def audit(model, before):
-    """Counts how many frozen and trainable weights changed since `before` (a `snapshot`).
+def audit(model, before, trained):
+    """How many frozen and trained weights changed since `before` (a `snapshot`).
 
     Frozen weights are compared bitwise; a frozen weight that changed is a bug, listed by path.
     """
-    frozen = frozen_weights(model)
+    frozen = frozen_weights(model, trained)
     changed = lambda weights: [w.path for w in weights if not np.array_equal(before[w.path], w.numpy())]
     frozen_changed = changed(frozen)
     return {
         "frozen_variables": len(frozen),
         "frozen_changed": len(frozen_changed),
         "frozen_changed_paths": frozen_changed,
-        "trainable_variables": len(model.trainable_weights),
-        "trainable_changed": len(changed(model.trainable_weights)),
+        "trainable_variables": len(trained),
+        "trainable_changed": len(changed(trained)),
     }
 
 

@@ -1,7 +1,7 @@
-"""models/trainability.py: which layers receive gradients, checked after real training.
+"""models/trainability.py: which variables train, checked after real training.
 
-The checks compare the backbone weights file a run starts from with the one it ends with, bitwise,
-independently of the engine's own audit (which must agree).
+Run-level checks compare the backbone weights file a run starts from with the one it ends with,
+bitwise, independently of the engine's own audit (which must agree).
 """
 
 import os
@@ -9,67 +9,111 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from engine import jobs
 from engine.config import ConfigError
-from helpers import load_weights_file, train_run
+from engine.run_dir import RunDir
+from engine.trainer import make_optimizer
+from helpers import load_weights_file, replace, train_run
 from models import trainability
 from models.classifier import BACKBONE_LAYER, build_classifier
+from models.trainability import Rule
+
+MOVING = ("moving_mean", "moving_variance")
 
 
 def small_model():
     return build_classifier(backbone="small_cnn", image_size=32, channels=1, num_classes=3)
 
 
-def trainable_layer_names(model):
-    backbone = model.get_layer(BACKBONE_LAYER)
-    return [layer.name for layer in backbone.layers if layer.trainable_weights]
+def trained_paths(variables):
+    return [variable.path for variable in variables]
 
 
 def test_scratch_trains_everything():
     model = small_model()
-    trainability.apply_mode(model, mode="scratch")
-    assert len(trainable_layer_names(model)) == 6
-    assert trainability.frozen_weights(model) == []
+    variables = trainability.apply(model, mode="scratch")
+    assert len(variables) == 2 + 3 * 3  # logits kernel+bias; per block conv kernel, bn gamma+beta
+    assert trainability.frozen_weights(model, variables) == []
 
 
 def test_frozen_trains_only_the_head():
     model = small_model()
-    trainability.apply_mode(model, mode="frozen")
-    assert trainable_layer_names(model) == []
-    assert [w.path for w in model.trainable_weights] == ["logits/kernel", "logits/bias"]
-    trainable, frozen = trainability.parameter_counts(model)
+    variables = trainability.apply(model, mode="frozen")
+    assert trained_paths(variables) == ["logits/kernel", "logits/bias"]
+    trainable, frozen = trainability.parameter_counts(model, variables)
     assert trainable == 64 * 3 + 3
     assert frozen == sum(int(np.prod(w.shape)) for w in model.get_layer(BACKBONE_LAYER).weights)
+    assert not any(layer.trainable for layer in model.get_layer(BACKBONE_LAYER).layers)
 
 
-@pytest.mark.parametrize("unfreeze, expected", [(1, []), (2, ["block3_conv"]), (4, ["block2_conv", "block3_conv"])])
-def test_finetune_unfreezes_the_top_weighted_layers_with_batchnorm_kept_frozen(unfreeze, expected):
+@pytest.mark.parametrize(
+    "rule, bn, expected",
+    [
+        (Rule(unfreeze=1), "frozen", []),
+        (Rule(unfreeze=2), "frozen", ["block3_conv/kernel"]),
+        (Rule(unfreeze=2), "train", ["block3_conv/kernel", "block3_bn/gamma", "block3_bn/beta"]),
+        (Rule(unfreeze_from="block2_relu"), "frozen", ["block3_conv/kernel"]),
+        (Rule(unfreeze_from="block2_bn"), "train",
+         ["block2_bn/gamma", "block2_bn/beta", "block3_conv/kernel", "block3_bn/gamma", "block3_bn/beta"]),
+        (Rule(regex=r"block[13]_conv"), "frozen", ["block1_conv/kernel", "block3_conv/kernel"]),
+        (Rule(regex=r"gamma$"), "train", ["block1_bn/gamma", "block2_bn/gamma", "block3_bn/gamma"]),
+        (Rule(regex=r"gamma$"), "frozen", []),
+    ],
+)
+def test_finetune_rules_select_exactly_these_backbone_variables(rule, bn, expected):
     model = small_model()
-    trainability.apply_mode(model, mode="finetune", unfreeze=unfreeze)
-    # Weighted layers bottom to top: conv1, bn1, conv2, bn2, conv3, bn3; BatchNorm stays in inference.
-    assert trainable_layer_names(model) == expected
+    variables = trainability.apply(model, mode="finetune", rule=rule, bn=bn)
+    assert trained_paths(variables) == ["logits/kernel", "logits/bias", *expected]
+    for layer in model.get_layer(BACKBONE_LAYER).layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            trains = any(path.startswith(layer.name + "/") for path in expected)
+            assert layer.trainable == trains, f"{layer.name} would run in the wrong BatchNorm mode"
 
 
-def test_unfreezing_more_layers_than_the_backbone_has_is_refused():
-    with pytest.raises(ConfigError, match=r"^--unfreeze=7: the backbone has only 6 layers with weights$"):
-        trainability.apply_mode(small_model(), mode="finetune", unfreeze=7)
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        (Rule(unfreeze=7), r"^--unfreeze=7: the backbone has only 6 layers with weights$"),
+        (Rule(unfreeze_from="block9_conv"), r"^--unfreeze_from=block9_conv: no such backbone layer \(names look"),
+        (Rule(regex="nothing_like_this"), r"^--trainable_regex=nothing_like_this: matches no backbone variable"),
+    ],
+)
+def test_rules_that_select_nothing_real_are_refused(rule, message):
+    with pytest.raises(ConfigError, match=message):
+        trainability.apply(small_model(), mode="finetune", rule=rule)
 
 
-def test_parameter_table_adds_up():
-    model = small_model()
-    trainability.apply_mode(model, mode="finetune", unfreeze=2)
-    rows = {name.strip(): (trainable, frozen) for name, trainable, frozen in trainability.parameter_table(model)}
-    assert rows["total"] == trainability.parameter_counts(model)
-    assert rows["backbone"][0] + rows["head"][0] == rows["total"][0]
-    assert "trains from block3_conv" in rows
-    assert "trains from block3_conv" in trainability.format_table(trainability.parameter_table(model))
+def test_parameter_table_groups_blocks_and_adds_up():
+    model = build_classifier(backbone="mobilenet_v2", image_size=32, channels=3, num_classes=2, alpha=0.35)
+    variables = trainability.apply(model, mode="finetune", rule=Rule(unfreeze_from="block_16_expand"))
+    rows = trainability.parameter_table(model, variables)
+    names = [row[0] for row in rows]
+    assert names[:3] == ["stem", "expanded_conv", "block_1"] and names[-4:] == ["block_16", "top", "head", "total"]
+    by_name = {row[0]: row for row in rows}
+    assert by_name["block_15"][2] == 0 and by_name["block_16"][2] > 0 and by_name["top"][2] > 0
+    assert by_name["total"][2:] == trainability.parameter_counts(model, variables)
+    assert sum(row[2] for row in rows[:-1]) == by_name["total"][2]
+    assert "block_16" in trainability.format_table(rows)
+
+
+def test_slow_batchnorm_momentum_is_spotted():
+    model = build_classifier(backbone="mobilenet_v2", image_size=32, channels=3, num_classes=2, alpha=0.35)
+    trainability.apply(model, mode="scratch")
+    assert trainability.slow_batchnorm_momentum(model, total_steps=1000) == pytest.approx(0.999)
+    trainability.apply(model, mode="scratch", bn_momentum=0.99)
+    assert trainability.slow_batchnorm_momentum(model, total_steps=1000) is None
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
 @pytest.mark.parametrize("mode", ["scratch", "frozen", "finetune"])
 def test_training_moves_exactly_what_the_mode_says(tiny, pretrained_run, tmp_path, mode, replicas):
     start = os.path.join(pretrained_run, "backbone.weights.h5")
-    config = tiny(mode=mode, unfreeze=2, weights=start, cpu_replicas=replicas, steps_per_epoch=4, dropout=0.2)
+    config = tiny(
+        mode=mode, unfreeze=2 if mode == "finetune" else 0, weights=start, cpu_replicas=replicas,
+        steps_per_epoch=4, dropout=0.2, optimizer="adamw", weight_decay=0.1,
+    )
     results = train_run(config, tmp_path)
     before = load_weights_file(start)
     after = load_weights_file(str(tmp_path / "backbone.weights.h5"))
@@ -92,3 +136,95 @@ def test_training_moves_exactly_what_the_mode_says(tiny, pretrained_run, tmp_pat
     assert results["trainable_params"] + results["non_trainable_params"] == sum(
         int(np.prod(value.shape)) for value in after.values()
     ) + 64 * 3 + 3
+
+
+def _optimizer_values(optimizer):
+    return {variable.path: np.array(variable.numpy(), copy=True) for variable in optimizer.variables}
+
+
+def test_staged_finetuning_switches_once_and_keeps_the_head_optimizer_state(tiny, pretrained_run, tmp_path):
+    weights = os.path.join(pretrained_run, "backbone.weights.h5")
+    config = tiny(mode="finetune", unfreeze=2, head_epochs=1, epochs=2, weights=weights, steps_per_epoch=3,
+                  model_dir=str(tmp_path))
+    setup = jobs.build(config, RunDir(str(tmp_path)))
+    built = list(setup.optimizer.variables)
+    iterator = iter(setup.devices.strategy.distribute_datasets_from_function(
+        jobs.pipeline.train_dataset_fn(setup.train_split, image_size=32, global_batch_size=8,
+                                       steps_per_epoch=3, seed=1)
+    ))
+    head_stage = setup.trainer_for(0)
+    assert trained_paths(head_stage.variables) == ["logits/kernel", "logits/bias"]
+    for _ in range(3):
+        head_stage.train_steps(iterator, tf.constant(1))
+    assert setup.trainer_for(0) is head_stage
+    assert head_stage.train_steps.experimental_get_tracing_count() == 1
+    at_switch = _optimizer_values(setup.optimizer)
+
+    full_stage = setup.trainer_for(1)
+    assert full_stage is not head_stage
+    assert trained_paths(full_stage.variables) == ["logits/kernel", "logits/bias", "block3_conv/kernel"]
+    assert list(setup.optimizer.variables) == built, "the optimizer was rebuilt at the switch"
+    for path, value in _optimizer_values(setup.optimizer).items():
+        np.testing.assert_array_equal(value, at_switch[path], err_msg=f"{path} changed at the switch")
+    head_slots = [p for p in at_switch if "logits_kernel" in p or "logits/kernel" in p]
+    assert head_slots and any(np.any(at_switch[p] != 0) for p in head_slots if "iteration" not in p)
+    for _ in range(2):
+        full_stage.train_steps(iterator, tf.constant(1))
+    assert full_stage.train_steps.experimental_get_tracing_count() == 1
+    after = _optimizer_values(setup.optimizer)
+    assert int(setup.optimizer.iterations.numpy()) == 5
+    conv_slots = [p for p in after if "block3_conv_kernel" in p]
+    assert conv_slots and all(np.any(after[p] != 0) for p in conv_slots), "backbone slots never used"
+
+
+def test_a_staged_run_leaves_the_backbone_alone_until_the_switch(tiny, pretrained_run, tmp_path):
+    start = os.path.join(pretrained_run, "backbone.weights.h5")
+    config = tiny(mode="finetune", unfreeze=2, head_epochs=1, epochs=2, weights=start, steps_per_epoch=3)
+    results = train_run(config, tmp_path)
+    assert results["trainability_audit"]["frozen_changed"] == 0
+    model = build_classifier(backbone="small_cnn", image_size=32, channels=1, num_classes=3)
+    checkpoints = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(tmp_path / "checkpoints"), 3)
+    first_epoch = [path for path in checkpoints.checkpoints if path.endswith("-3")]
+    tf.train.Checkpoint(model=model).restore(first_epoch[0]).expect_partial()
+    before = load_weights_file(start)
+    after_head_epoch = {w.path: w.numpy() for w in model.get_layer(BACKBONE_LAYER).weights}
+    assert all(np.array_equal(before[p], after_head_epoch[p]) for p in before), "backbone moved in the head stage"
+    final = load_weights_file(str(tmp_path / "backbone.weights.h5"))
+    assert [p for p in before if not np.array_equal(before[p], final[p])] == ["block3_conv/kernel"]
+
+
+def test_backbone_learning_rate_multiplier_scales_backbone_updates_only():
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 1), dtype="uint8")
+    labels = np.array([0, 1, 2, 1])
+
+    def one_step(multiplier):
+        keras.utils.set_random_seed(5)
+        model = small_model()
+        variables = trainability.apply(model, mode="scratch")
+        backbone = {id(w) for w in model.get_layer(BACKBONE_LAYER).weights}
+        optimizer = make_optimizer(
+            name="sgd", learning_rate=0.1, weight_decay=0.0, precision="float32", variables=variables,
+            lr_multipliers={id(w): multiplier for w in variables if id(w) in backbone},
+        )
+        before = [w.numpy() for w in variables]
+        with tf.GradientTape() as tape:
+            logits = model(images, training=False)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+        optimizer.apply(tape.gradient(loss, variables), variables)
+        return {w.path: w.numpy() - b for w, b in zip(variables, before)}
+
+    full, tenth = one_step(1.0), one_step(0.1)
+    np.testing.assert_allclose(tenth["logits/kernel"], full["logits/kernel"], rtol=1e-5)
+    np.testing.assert_allclose(tenth["block1_conv/kernel"], 0.1 * full["block1_conv/kernel"], rtol=1e-3, atol=5e-8)
+    assert np.abs(full["block1_conv/kernel"]).max() > 0
+
+
+def test_weight_decay_skips_biases_and_batchnorm():
+    model = small_model()
+    variables = trainability.apply(model, mode="scratch")
+    optimizer = make_optimizer(name="adamw", learning_rate=0.1, weight_decay=0.5, precision="float32",
+                               variables=variables)
+    before = {w.path: w.numpy() for w in variables}
+    optimizer.apply([tf.zeros_like(w) for w in variables], variables)  # Only decay can move anything.
+    moved = sorted(w.path for w in variables if not np.array_equal(before[w.path], w.numpy()))
+    assert moved == ["block1_conv/kernel", "block2_conv/kernel", "block3_conv/kernel", "logits/kernel"]

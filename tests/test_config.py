@@ -73,3 +73,9 @@ def test_bad_values_name_the_flag_and_value(changes, message):
 def test_non_integer_labels_are_refused():
     with pytest.raises(ConfigError, match=r"--label_subset=a,1: labels must be integers"):
         parse("--model_dir=/tmp/x", "--label_subset=a,1")
+
+
+def test_every_job_choice_has_a_job():
+    from engine import jobs
+
+    assert sorted(jobs.JOBS) == sorted(config_lib.JOBS)

@@ -106,6 +106,9 @@ BAD_INPUT = [
     (["--mode=frozen", "--weights={wrong}"], "--weights={wrong}: does not fit this backbone"),
     (["--backbone=mobilenet_v2", "--alpha=0.35"], "--model_dir={run}: holds a run with --backbone=small_cnn"),
     (["--batch_size=abc"], "flag --batch_size=abc: invalid literal"),
+    (["--mode=finetune", "--unfreeze_from=nope"], "--unfreeze_from=nope: no such backbone layer"),
+    (["--mode=finetune", "--trainable_regex=["], "--trainable_regex=[: not a regular expression"),
+    (["--head_epochs=1"], "--head_epochs=1: stages a --mode=finetune run only"),
 ]
 
 
@@ -186,3 +189,25 @@ def test_imagenet_download_failure_says_how_to_preseed_the_cache(data_dir, tmp_p
     assert IMAGENET_FILE in error[0] and str(tmp_path / "empty_home" / "models") in error[0]
     assert "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "run"), "a failed start wrote into the run dir"
+
+
+def test_export_writes_a_saved_model_that_serves_raw_images_of_any_size(data_dir, pretrained_run, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    run = str(tmp_path / "run")
+    shutil.copytree(pretrained_run, run)
+    result = launch(*tiny_flags(tiny_config(data_dir=data_dir, model_dir=run)), "--job=export")
+    assert result.returncode == 0, result.stderr[-2000:]
+    served = tf.saved_model.load(os.path.join(run, "saved_model"))
+    model = keras.saving.load_model(os.path.join(run, "model.keras"))
+    rng = np.random.default_rng(0)
+    for shape in [(2, 32, 32, 1), (3, 45, 29, 1)]:
+        images = rng.integers(0, 256, shape, dtype="uint8")
+        np.testing.assert_allclose(served.serve(tf.constant(images)), model(images), rtol=1e-5, atol=1e-6)
+
+
+def test_export_needs_a_trained_model(data_dir, tmp_path):
+    result = launch(*tiny_flags(tiny_config(data_dir=data_dir, model_dir=str(tmp_path))), "--job=export")
+    assert result.returncode == 2
+    assert f"error: --model_dir={tmp_path}: has no model.keras to export" in result.stderr

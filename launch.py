@@ -14,6 +14,7 @@ import warnings
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TensorFlow's C++ start-up chatter out.
 
 from absl import app, flags, logging  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from engine import config as config_lib  # noqa: E402
 from engine import jobs  # noqa: E402
@@ -32,6 +33,7 @@ def configure_logging():
     handler.addFilter(
         lambda record: record.levelno >= std_logging.WARNING or record.pathname.startswith(ROOT)
     )
+    tf.get_logger().setLevel("WARNING")  # TensorFlow's own Python logger has its own handler.
     warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
 
 

@@ -13,18 +13,15 @@ from engine.trainer import summarize
 
 
 class Throughput:
-    """Training images/sec, leaving out the first call of the process (it includes tracing)."""
+    """Images/sec over the calls added to it."""
 
     def __init__(self):
         self.images = 0
         self.seconds = 0.0
-        self.calls = 0
 
     def add(self, images, seconds):
-        self.calls += 1
-        if self.calls > 1:
-            self.images += images
-            self.seconds += seconds
+        self.images += images
+        self.seconds += seconds
 
     @property
     def images_per_sec(self):
@@ -44,10 +41,12 @@ def train_epochs(*, setup, run_dir, eval_dataset, steps):
     )
     iterator = iter(dataset)
     writers = {name: tf.summary.create_file_writer(run_dir.file("logs", name)) for name in ("train", "eval")}
-    throughput = Throughput()
+    throughput = Throughput()  # The run's, leaving out each stage's first call (it traces).
+    traced = set()
     record = {}
     for epoch in range(first_epoch, config.epochs):
         trainer = setup.trainer_for(epoch)
+        epoch_throughput = Throughput()
         started = time.perf_counter()
         totals = np.zeros(3)
         bar = tqdm.tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=True)
@@ -56,14 +55,17 @@ def train_epochs(*, setup, run_dir, eval_dataset, steps):
             count = min(config.steps_per_loop, steps - done)
             call_started = time.perf_counter()
             sums = trainer.train_steps(iterator, tf.constant(count)).numpy()
-            throughput.add(count * config.batch_size, time.perf_counter() - call_started)
+            if trainer in traced:
+                for meter in (throughput, epoch_throughput):
+                    meter.add(count * config.batch_size, time.perf_counter() - call_started)
+            traced.add(trainer)
             totals += sums
             done += count
             current = summarize(totals)
             bar.update(count)
             bar.set_postfix(
                 loss=f"{current['loss']:.4f}", acc=f"{current['accuracy']:.4f}",
-                img_s=f"{throughput.images_per_sec:.0f}" if throughput.images_per_sec else "-",
+                img_s=_fmt(epoch_throughput.images_per_sec),
             )
         bar.close()
         train_metrics = summarize(totals)
@@ -77,7 +79,7 @@ def train_epochs(*, setup, run_dir, eval_dataset, steps):
             "train_accuracy": train_metrics["accuracy"],
             "eval_loss": eval_metrics["loss"] if eval_metrics else None,
             "eval_accuracy": eval_metrics["accuracy"] if eval_metrics else None,
-            "images_per_sec": throughput.images_per_sec,
+            "images_per_sec": epoch_throughput.images_per_sec,
             "learning_rate": float(setup.optimizer.learning_rate.numpy()),
             "seconds": time.perf_counter() - started,
         }
@@ -90,9 +92,13 @@ def train_epochs(*, setup, run_dir, eval_dataset, steps):
             epoch + 1, config.epochs, train_metrics["loss"], train_metrics["accuracy"],
             f" | eval loss {eval_metrics['loss']:.4f} acc {eval_metrics['accuracy']:.4f}"
             if eval_metrics else "",
-            f"{throughput.images_per_sec:.0f}" if throughput.images_per_sec else "-",
+            _fmt(epoch_throughput.images_per_sec),
         )
     return record, throughput
+
+
+def _fmt(images_per_sec):
+    return f"{images_per_sec:.0f}" if images_per_sec else "-"
 
 
 def _summaries(writers, record, step):

@@ -1,10 +1,14 @@
-"""Where examples come from: a TFDS builder, its class names, and exact split sizes.
+"""Where examples come from: a TFDS dataset or a folder of images, their class names, and exact split
+sizes. Both read as (encoded image bytes, label) in a fixed order; decoding happens in the pipeline, so
+an undecodable image is skipped and counted there instead of failing here.
 
-Any TFDS dataset with an `image` and a ClassLabel `label` works. `fashion_mnist` is read from local IDX
-files when they are present (see data/fashion_mnist_idx.py), so it works offline.
+Splits are TFDS split strings (`train[:80%]`, `train[80%:90]`, `train+test`) for both: a folder's images
+form one split, `train`, cut by TFDS's own ReadInstruction rules.
 """
 
+import collections
 import dataclasses
+import os
 
 from absl import logging
 import numpy as np
@@ -14,14 +18,41 @@ import tensorflow_datasets as tfds
 from data import fashion_mnist_idx
 from engine.config import ConfigError, first_line
 
+FOLDER_PREFIX = "folder:"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
 
 @dataclasses.dataclass(frozen=True)
-class Source:
+class Split:
+    """One split of a Source (a split string) and its size after the label subset, undecodable
+    images included (the pipeline counts those)."""
+
+    source: "Source"
     name: str
-    builder: tfds.core.DatasetBuilder
-    class_names: tuple  # After --label_subset: class k is class_names[k].
-    channels: int
-    label_subset: tuple  # Original label ids kept, in their new order; () keeps all.
+    num_examples: int
+
+
+class Source:
+    """Examples with labels, relabelled by `--label_subset`. Subclasses say how to read and count."""
+
+    def __init__(self, *, name, class_names, channels, label_subset):
+        self.name = name
+        self.all_class_names = tuple(class_names)
+        self.channels = channels
+        self.label_subset = tuple(label_subset)
+        for label in self.label_subset:
+            if label >= len(self.all_class_names):
+                raise ConfigError(
+                    "label_subset", self.label_subset,
+                    f"{name} has labels 0..{len(self.all_class_names) - 1} only",
+                )
+
+    @property
+    def class_names(self):
+        """After --label_subset: class k is class_names[k]."""
+        if not self.label_subset:
+            return self.all_class_names
+        return tuple(self.all_class_names[label] for label in self.label_subset)
 
     @property
     def num_classes(self):
@@ -29,68 +60,132 @@ class Source:
 
     def read(self, split):
         """(encoded image bytes, label) pairs of a split, in a fixed order, relabelled by the subset."""
-        dataset = self.builder.as_dataset(
-            split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
-        )
-        dataset = dataset.map(lambda example: (example["image"], example["label"]))
+        dataset = self._read(split)
         if not self.label_subset:
             return dataset
-        new_label = np.full(self.builder.info.features["label"].num_classes, -1, np.int64)
+        new_label = np.full(len(self.all_class_names), -1, np.int64)
         new_label[list(self.label_subset)] = np.arange(len(self.label_subset))
         new_label = tf.constant(new_label)
         dataset = dataset.map(lambda image, label: (image, tf.gather(new_label, label)))
         return dataset.filter(lambda image, label: label >= 0)
 
     def split(self, split, flag):
-        """The split named by `--flag=split`, with its exact size."""
-        return Split(source=self, name=split, num_examples=self.count(split, flag))
-
-    def count(self, split, flag):
-        """Examples in `split` (after the label subset); refuses a split that selects none."""
-        known = self.builder.info.splits
+        """The split named by `--flag=split`, with its exact size; refuses one that selects nothing."""
+        counts = None
         try:
-            if self.label_subset or not known:  # Mocked datasets have no split metadata.
-                size = self._count_labels(split, flag)
+            if self.label_subset:
+                counts = self._label_counts(split)[list(self.label_subset)]
+                size = int(counts.sum())
             else:
-                size = known[split].num_examples
+                size = self._size(split)
         except (ValueError, KeyError, tf.errors.OpError) as error:
             if "corresponds to no data" not in str(error):  # TFDS' words for an empty selection.
                 raise ConfigError(flag, split, f"not a split of {self.name}: {first_line(error)}") from None
             size = 0
         if size == 0:
             raise ConfigError(flag, split, "selects no examples")
-        return size
+        if counts is not None and not counts.all():
+            absent = self.label_subset[list(counts).index(0)]
+            raise ConfigError(
+                "label_subset", self.label_subset, f"label {absent} does not occur in --{flag}={split}"
+            )
+        return Split(source=self, name=split, num_examples=size)
 
-    def _count_labels(self, split, flag):
-        labels = self.builder.as_dataset(
-            split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
-        ).map(lambda example: example["label"])
-        counts = np.zeros(self.builder.info.features["label"].num_classes, np.int64)
+    def _read(self, split):
+        raise NotImplementedError
+
+    def _size(self, split):
+        return int(self._label_counts(split).sum())
+
+    def _label_counts(self, split):
+        """Examples per original label in `split`."""
+        counts = np.zeros(len(self.all_class_names), np.int64)
+        labels = self._read(split).map(lambda image, label: label)
         for batch in labels.batch(8192).as_numpy_iterator():
             counts += np.bincount(batch, minlength=len(counts))
-        if not self.label_subset:
-            return int(counts.sum())
-        absent = [label for label in self.label_subset if counts[label] == 0]
-        if absent:
+        return counts
+
+
+class TfdsSource(Source):
+    """Any TFDS dataset with an `image` and a ClassLabel `label` feature."""
+
+    def __init__(self, builder, *, name, label_subset):
+        self.builder = builder
+        features = builder.info.features
+        super().__init__(
+            name=name, class_names=features["label"].names,
+            channels=features["image"].shape[-1] or 3, label_subset=label_subset,
+        )
+
+    def _read(self, split):
+        dataset = self.builder.as_dataset(
+            split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+        )
+        return dataset.map(lambda example: (example["image"], example["label"]))
+
+    def _size(self, split):
+        known = self.builder.info.splits
+        if known:  # The metadata knows; mocked datasets have none.
+            return known[split].num_examples
+        return super()._size(split)
+
+
+class FolderSource(Source):
+    """A folder with one sub-folder of images per class, as one split `train` in a fixed shuffled order
+    (seed 0, whatever --seed is), so percent slices mix classes and stay the same across runs."""
+
+    def __init__(self, root, *, label_subset):
+        if not os.path.isdir(root):
+            raise ConfigError("dataset", FOLDER_PREFIX + root, "no such directory")
+        class_names = sorted(
+            entry for entry in os.listdir(root) if os.path.isdir(os.path.join(root, entry))
+        )
+        files = [
+            (os.path.join(root, name, file), label)
+            for label, name in enumerate(class_names)
+            for file in sorted(os.listdir(os.path.join(root, name)))
+            if file.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+        if len(class_names) < 2 or not files:
             raise ConfigError(
-                "label_subset", self.label_subset,
-                f"label {absent[0]} does not occur in --{flag}={split}",
+                "dataset", FOLDER_PREFIX + root,
+                f"needs one sub-folder of images per class ({len(class_names)} sub-folders, "
+                f"{len(files)} images)",
             )
-        return int(counts[list(self.label_subset)].sum())
+        order = np.random.default_rng(0).permutation(len(files))
+        self.paths = np.array([files[i][0] for i in order])
+        self.labels = np.array([files[i][1] for i in order], np.int64)
+        super().__init__(
+            name=FOLDER_PREFIX + root, class_names=class_names, channels=3, label_subset=label_subset
+        )
+
+    def _ranges(self, split):
+        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(
+            {"train": _Size(len(self.paths))}
+        )
+        return [slice(i.from_, i.to) for i in instructions]
+
+    def _read(self, split):
+        ranges = self._ranges(split)
+        paths = np.concatenate([self.paths[r] for r in ranges])
+        labels = np.concatenate([self.labels[r] for r in ranges])
+        return tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+            lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=tf.data.AUTOTUNE
+        )
+
+    def _label_counts(self, split):
+        labels = np.concatenate([self.labels[r] for r in self._ranges(split)])
+        return np.bincount(labels, minlength=len(self.all_class_names))
 
 
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """One split of a Source (a TFDS split string) and its exact size after the label subset."""
-
-    source: Source
-    name: str
-    num_examples: int
+_Size = collections.namedtuple("_Size", "num_examples")
 
 
 def open_source(config):
     """Finds, prepares (downloading if needed) and describes the dataset named by --dataset."""
     name = config.dataset
+    if name.startswith(FOLDER_PREFIX):
+        return FolderSource(name[len(FOLDER_PREFIX):], label_subset=config.label_subset)
     manual_dir = config.manual_dir
     idx_dir = fashion_mnist_idx.find_files(manual_dir) if name == "fashion_mnist" else None
     if idx_dir:
@@ -101,7 +196,9 @@ def open_source(config):
     try:
         builder = tfds.builder(builder_name, data_dir=config.data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ConfigError("dataset", name, "is not a TFDS dataset (see tfds.list_builders())") from None
+        raise ConfigError(
+            "dataset", name, "is not a TFDS dataset (see tfds.list_builders()) nor folder:PATH"
+        ) from None
     features = builder.info.features
     keys = set(features.keys())
     if "image" not in keys or "label" not in keys or not isinstance(
@@ -118,18 +215,4 @@ def open_source(config):
             f"could not be downloaded or prepared ({first_line(error)}); point --data_dir at a "
             "prepared TFDS copy or --manual_dir at its downloaded files",
         ) from None
-
-    names = tuple(features["label"].names)
-    for label in config.label_subset:
-        if label >= len(names):
-            raise ConfigError(
-                "label_subset", config.label_subset, f"{name} has labels 0..{len(names) - 1} only"
-            )
-    if config.label_subset:
-        names = tuple(names[label] for label in config.label_subset)
-    channels = features["image"].shape[-1] or 3
-    return Source(
-        name=name, builder=builder, class_names=names, channels=channels,
-        label_subset=tuple(config.label_subset),
-    )
-
+    return TfdsSource(builder, name=name, label_subset=config.label_subset)

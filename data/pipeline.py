@@ -1,19 +1,61 @@
 """The tf.data input pipeline, distributed with `strategy.distribute_datasets_from_function`.
 
-Per worker: read (sharded by example across workers) -> parallel decode and resize to uint8 at
-`image_size` -> cache -> per epoch: seeded shuffle -> per-replica batches -> prefetch. Pixel scaling is
-not done here: the model's own `Preprocess` layer does it (models/classifier.py).
+Per worker, once: read its shard (by example) -> parallel decode and resize to uint8 at `image_size`
+-> skip undecodable images -> cache (memory, files, or none) -> one counting pass, which fills the cache
+and tells exactly how many examples decoded. Then per epoch: seeded shuffle -> augmentation (after the
+cache, so every epoch draws new crops and flips from one decode) -> per-replica batches -> prefetch.
+
+Pixel scaling and grayscale-to-RGB are not done here: the model's own `Preprocess` layer does them
+(models/classifier.py), so the cache holds one channel for grayscale data and the saved model carries
+its preprocessing.
 
 Training is one stream for the whole run: epoch e is `shuffle(seed of e)` over the cached examples, cut
-to exactly `steps_per_epoch` global steps. Every epoch is a pure function of (seed, epoch), so a run can
-start its stream at any epoch and see exactly the batches an uninterrupted run would have.
-Evaluation reads each example exactly once, whatever the batch size and replica count.
+to exactly `batches_per_epoch`; augmentation draws from stateless seeds (seed, epoch, position). Every
+epoch is therefore a pure function of (seed, epoch): a run can start its stream at any epoch and see
+exactly what an uninterrupted run saw. Evaluation reads each example exactly once.
 """
+
+import dataclasses
+import os
+import re
+import time
 
 import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
 SHUFFLE_BUFFER = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """This process's share of the input: worker `index` of `count` (one input pipeline per worker)."""
+
+    index: int = 0
+    count: int = 1
+
+    def shard_size(self, num_examples):
+        return num_examples // self.count + (self.index < num_examples % self.count)
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """A split's examples on this worker: decoded, resized and cached, and how many there are."""
+
+    split: object  # data.sources.Split
+    dataset: tf.data.Dataset  # (uint8 image [size, size, channels], label)
+    count: int  # Examples that decoded.
+    skipped: int  # Examples of the shard that did not decode.
+
+
+def options(deterministic):
+    """tf.data options, set deliberately rather than inherited."""
+    result = tf.data.Options()
+    # Parallel map results in order (reproducible) or as they finish (faster).
+    result.deterministic = deterministic
+    # Each map call runs its ops on one thread; parallelism comes from num_parallel_calls (the tf.data
+    # performance guide's advice), so decoding does not fight the training step for cores.
+    result.threading.max_intra_op_parallelism = 1
+    return result
 
 
 def decode(encoded, *, image_size, channels):
@@ -26,68 +68,106 @@ def decode(encoded, *, image_size, channels):
     return image
 
 
-def _examples(split, input_context, image_size):
-    """Decoded, resized, cached (image, label) pairs of this worker's shard."""
-    dataset = split.source.read(split.name)
-    if input_context and input_context.num_input_pipelines > 1:
-        dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic=True):
+    """Decodes, resizes and caches this worker's shard of `split`, counting what decoded.
+
+    `cache` is "memory", "none", or a directory for cache files (reused by later runs with the same
+    split, size and label subset). Undecodable images are skipped (TensorFlow logs each one).
+    """
     channels = split.source.channels
+    dataset = split.source.read(split.name)
+    if worker.count > 1:
+        dataset = dataset.shard(worker.count, worker.index)
     dataset = dataset.map(
         lambda image, label: (decode(image, image_size=image_size, channels=channels), label),
         num_parallel_calls=AUTOTUNE,
-    )
-    return dataset.cache()
+    ).ignore_errors(log_warning=True)
+    if cache == "memory":
+        dataset = dataset.cache()
+    elif cache != "none":
+        os.makedirs(cache, exist_ok=True)
+        name = f"{split.source.name}_{split.source.label_subset}_{split.name}_{image_size}px_{worker.index}of{worker.count}"
+        dataset = dataset.cache(os.path.join(cache, re.sub(r"[^\w.-]+", "_", name)))
+    dataset = dataset.with_options(options(deterministic))
+    count = int(dataset.reduce(tf.constant(0, tf.int64), lambda total, _: total + 1))
+    return Examples(split=split, dataset=dataset, count=count, skipped=worker.shard_size(split.num_examples) - count)
 
 
-def epoch_steps(split, global_batch_size, num_workers=1, cap=None):
-    """Full global steps per epoch that every worker's shard can fill (dropping the remainder)."""
-    steps = (split.num_examples // num_workers) // (global_batch_size // num_workers)
+def epoch_steps(examples, global_batch_size, num_workers=1, cap=None):
+    """Full global steps per epoch that this worker's examples fill (dropping the remainder)."""
+    steps = examples.count // (global_batch_size // num_workers)
     return min(steps, cap) if cap else steps
 
 
-def train_dataset_fn(split, *, image_size, global_batch_size, steps_per_epoch, seed, first_epoch=0):
-    """A dataset_fn for `distribute_datasets_from_function`: the training stream from `first_epoch`."""
+def augment(image, seed, mode):
+    """`flip`: random left-right flip; `flip_crop`: also a random crop of the image padded by an eighth
+    (reflected). Stateless: the same seed gives the same pixels."""
+    flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    if mode == "flip_crop":
+        size = image.shape[0]
+        pad = max(1, size // 8)
+        padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        image = tf.image.stateless_random_crop(padded, tf.shape(image), crop_seed)
+    return image
 
-    def dataset_fn(input_context):
-        examples = _examples(split, input_context, image_size)
-        batch_size = input_context.get_per_replica_batch_size(global_batch_size)
-        # Each global step takes one batch per local replica.
-        batches_per_epoch = steps_per_epoch * (
-            input_context.num_replicas_in_sync // input_context.num_input_pipelines
-        )
 
-        def epoch(index):
-            return (
-                examples.shuffle(SHUFFLE_BUFFER, seed=seed * 1_000_003 + index)
-                .batch(batch_size, drop_remainder=True)
-                .take(batches_per_epoch)
+def train_dataset(examples, *, batch_size, batches_per_epoch, seed, first_epoch=0, augmentation="none",
+                  shuffle_buffer=SHUFFLE_BUFFER, deterministic=True):
+    """Per-replica batches of (images, labels) for the whole run from `first_epoch` (see the module
+    docstring). `batches_per_epoch` counts this worker's batches: steps x local replicas."""
+
+    def epoch(index):
+        epoch_seed = seed * 1_000_003 + index
+        shuffled = examples.dataset.shuffle(shuffle_buffer or examples.count, seed=epoch_seed)
+        if augmentation != "none":
+            shuffled = shuffled.enumerate().map(
+                lambda position, example: (
+                    augment(example[0], tf.stack([epoch_seed, position]), augmentation), example[1]
+                ),
+                num_parallel_calls=AUTOTUNE,
             )
+        return shuffled.batch(batch_size, drop_remainder=True).take(batches_per_epoch)
 
-        stream = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
-        return stream.prefetch(AUTOTUNE)
-
-    return dataset_fn
+    stream = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+    return stream.prefetch(AUTOTUNE).with_options(options(deterministic))
 
 
-def eval_dataset_fn(split, *, image_size, global_batch_size):
-    """A dataset_fn for `distribute_datasets_from_function`: every example once, then padding.
+def eval_steps(split, global_batch_size, worker=Worker()):
+    """Global steps that cover the largest worker shard of `split`, padding included."""
+    worker_batch = global_batch_size // worker.count
+    largest_shard = -(-split.num_examples // worker.count)
+    return -(-largest_shard // worker_batch)
 
-    Elements are (image, label, weight). Each worker pads its shard with weight-0 examples up to the
-    same number of full global batches, so no replica ever gets a partial or empty batch (static
-    shapes for XLA) and metrics weighted by `weight` count each real example exactly once.
-    """
 
-    def dataset_fn(input_context):
-        workers, worker = input_context.num_input_pipelines, input_context.input_pipeline_id
-        batch_size = input_context.get_per_replica_batch_size(global_batch_size)
-        worker_batch = global_batch_size // workers
-        largest_shard = -(-split.num_examples // workers)
-        shard = split.num_examples // workers + (worker < split.num_examples % workers)
-        padded = -(-largest_shard // worker_batch) * worker_batch
-        blank = tf.zeros([image_size, image_size, split.source.channels], tf.uint8)
-        padding = tf.data.Dataset.from_tensors((blank, tf.constant(0, tf.int64), 0.0))
-        examples = _examples(split, input_context, image_size).map(lambda image, label: (image, label, 1.0))
-        examples = examples.concatenate(padding.repeat(padded - shard))
-        return examples.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+def eval_dataset(examples, *, batch_size, steps, local_replicas=1, deterministic=True):
+    """Per-replica batches of (images, labels, weights): every example once, then weight-0 padding up
+    to `steps` full global steps, so no replica ever gets a partial or empty batch (static shapes for
+    XLA) and every worker runs the same number of steps; weighted metrics count real examples only."""
+    shape = examples.dataset.element_spec[0].shape
+    blank = (tf.zeros(shape, tf.uint8), tf.constant(0, tf.int64), 0.0)
+    padding = steps * batch_size * local_replicas - examples.count
+    dataset = examples.dataset.map(lambda image, label: (image, label, 1.0)).concatenate(
+        tf.data.Dataset.from_tensors(blank).repeat(padding)
+    )
+    return dataset.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE).with_options(options(deterministic))
 
-    return dataset_fn
+
+def naive_dataset(split, *, image_size, batch_size):
+    """The tutorials' form, for comparison: decode with a plain `map` (no parallelism), batch, no
+    cache, no prefetch."""
+    channels = split.source.channels
+    return split.source.read(split.name).map(
+        lambda image, label: (decode(image, image_size=image_size, channels=channels), label)
+    ).batch(batch_size)
+
+
+def images_per_sec(dataset, *, batches, warmup=2):
+    """The pipeline's own throughput, no model: images/sec over `batches` batches after `warmup`."""
+    iterator = iter(dataset.repeat())
+    for _ in range(warmup):
+        next(iterator)
+    images, started = 0, time.perf_counter()
+    for _ in range(batches):
+        images += int(tf.shape(next(iterator)[0])[0])
+    return images / (time.perf_counter() - started)

@@ -13,9 +13,10 @@ from absl import flags
 
 from models.backbones import BACKBONES
 
-JOBS = ("train", "evaluate", "export")
+JOBS = ("train", "evaluate", "export", "benchmark")
 MODES = ("scratch", "frozen", "finetune")
 BN_POLICIES = ("frozen", "train")
+AUGMENTATIONS = ("none", "flip", "flip_crop")
 OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 STRATEGIES = ("auto", "mirrored", "one_device")
@@ -107,6 +108,17 @@ class Config:
     test_split: str = _option("test", "TFDS split string evaluated once at the end ('' skips).")
     label_subset: tuple = _option(
         (), "Keep only these labels, relabelled 0..k-1 in the order given, e.g. 6,0,2.", kind=list
+    )
+    cache: str = _option(
+        "memory", "Decoded images: memory, none, or a directory for cache files (reused across runs)."
+    )
+    shuffle_buffer: int = _option(10_000, "Shuffle buffer in examples; 0 shuffles the whole split.")
+    augment: str = _option(
+        "none", "Training augmentation after the cache: flips, or flips and random crops.",
+        choices=AUGMENTATIONS,
+    )
+    deterministic: bool = _option(
+        False, "Reproducible runs: op determinism and in-order tf.data (slower)."
     )
     # Optimisation.
     batch_size: int = _option(32, "Global batch size, split evenly across replicas.")
@@ -209,6 +221,10 @@ def validate(config):
         raise ConfigError("bn_momentum", config.bn_momentum, "must be in [0, 1)")
     if config.weight_decay < 0:
         raise ConfigError("weight_decay", config.weight_decay, "must not be negative")
+    if config.shuffle_buffer < 0:
+        raise ConfigError("shuffle_buffer", config.shuffle_buffer, "must not be negative")
+    if not config.cache:
+        raise ConfigError("cache", "", "must be memory, none or a directory")
     if config.warmup_steps < 0:
         raise ConfigError("warmup_steps", config.warmup_steps, "must not be negative")
     if config.unfreeze < 0:

@@ -21,6 +21,7 @@ class Devices:
     precision: str
     jit_compile: bool
     num_workers: int = 1
+    worker_index: int = 0
 
     @property
     def num_replicas(self):
@@ -82,14 +83,16 @@ def configure(config):
     keras.mixed_precision.set_global_policy(precision)
 
     jit_compile = {"auto": kind == "GPU", "true": True, "false": False}[config.jit_compile]
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     if config.batch_size % strategy.num_replicas_in_sync:
         raise ConfigError(
             "batch_size", config.batch_size,
             f"must be divisible by the {strategy.num_replicas_in_sync} replicas",
         )
     logging.info(
-        "Devices: %s x %d (%s), strategy %s, precision %s, XLA %s",
+        "Devices: %s x %d (%s), strategy %s, precision %s, XLA %s%s",
         kind, len(devices), ", ".join(devices), type(strategy).__name__, precision,
-        "on" if jit_compile else "off",
+        "on" if jit_compile else "off", ", deterministic ops" if config.deterministic else "",
     )
     return Devices(strategy=strategy, kind=kind, precision=precision, jit_compile=jit_compile)

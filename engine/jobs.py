@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 
 from data import pipeline, sources
-from engine import distribute, loop
+from engine import benchmark, distribute, loop
 from engine.config import ConfigError, first_line
 from engine.run_dir import RunDir
 from engine.trainer import Trainer, learning_rate_schedule, make_optimizer, summarize
@@ -28,9 +28,10 @@ class Setup:
     config: object
     devices: distribute.Devices
     source: sources.Source
-    train_split: sources.Split
-    eval_split: sources.Split
-    test_split: sources.Split
+    worker: pipeline.Worker
+    train: pipeline.Examples
+    eval: pipeline.Examples  # None without --eval_split.
+    test: pipeline.Examples  # None without --test_split.
     steps_per_epoch: int
     model: keras.Model
     trained_variables: list  # Every variable the run trains, in any stage.
@@ -71,22 +72,38 @@ def build(config, run_dir, *, pretrained=True):
     """
     devices = distribute.configure(config)
     source = sources.open_source(config)
-    train_split = source.split(config.train_split, "train_split")
-    eval_split = source.split(config.eval_split, "eval_split") if config.eval_split else None
-    test_split = source.split(config.test_split, "test_split") if config.test_split else None
+    worker = pipeline.Worker(devices.worker_index, devices.num_workers)
+    examples = {}
+    for name in ("train", "eval", "test"):
+        split_name = getattr(config, f"{name}_split")
+        if not split_name:
+            examples[name] = None
+            continue
+        split = source.split(split_name, f"{name}_split")
+        started = time.perf_counter()
+        prepared = pipeline.prepare(
+            split, image_size=config.image_size, cache=_cache_dir(config), worker=worker,
+            deterministic=config.deterministic,
+        )
+        if prepared.count == 0:
+            raise ConfigError(f"{name}_split", split_name, "has no image that decodes")
+        logging.info(
+            "%s: %s, %d examples decoded%s in %.1f s%s", name, split_name, prepared.count,
+            "" if config.cache == "none" else " and cached", time.perf_counter() - started,
+            f", {prepared.skipped} undecodable skipped" if prepared.skipped else "",
+        )
+        examples[name] = prepared
     logging.info(
-        "Data: %s, %d classes (%s); train %d, eval %s, test %s examples",
-        source.name, source.num_classes, ", ".join(source.class_names), train_split.num_examples,
-        eval_split.num_examples if eval_split else "-", test_split.num_examples if test_split else "-",
+        "Data: %s, %d classes (%s)", source.name, source.num_classes, ", ".join(source.class_names)
     )
 
     steps_per_epoch = pipeline.epoch_steps(
-        train_split, config.batch_size, devices.num_workers, config.steps_per_epoch
+        examples["train"], config.batch_size, devices.num_workers, config.steps_per_epoch
     )
     if steps_per_epoch == 0:
         raise ConfigError(
             "batch_size", config.batch_size,
-            f"is larger than --train_split={config.train_split} ({train_split.num_examples} examples)",
+            f"is larger than --train_split={config.train_split} ({examples['train'].count} examples)",
         )
 
     weights = config.weights
@@ -122,8 +139,8 @@ def build(config, run_dir, *, pretrained=True):
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch)
     return Setup(
-        config=config, devices=devices, source=source, train_split=train_split,
-        eval_split=eval_split, test_split=test_split, steps_per_epoch=steps_per_epoch, model=model,
+        config=config, devices=devices, source=source, worker=worker, train=examples["train"],
+        eval=examples["eval"], test=examples["test"], steps_per_epoch=steps_per_epoch, model=model,
         trained_variables=trained, optimizer=optimizer, epoch=epoch, checkpoint=checkpoint,
         checkpoints=tf.train.CheckpointManager(
             checkpoint, run_dir.checkpoints, max_to_keep=config.keep_checkpoints
@@ -131,20 +148,51 @@ def build(config, run_dir, *, pretrained=True):
     )
 
 
-def eval_dataset(setup, split):
-    """The distributed evaluation dataset of `split` (None for no split)."""
-    if split is None:
-        return None
+def _cache_dir(config):
+    """--cache as pipeline.prepare takes it: memory, none, or a directory that is created if needed."""
+    if config.cache in ("memory", "none"):
+        return config.cache
+    try:
+        os.makedirs(config.cache, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("cache", config.cache, f"cannot be created ({error.strerror})") from None
+    return config.cache
+
+
+def _local_replicas(setup):
+    return setup.devices.num_replicas // setup.devices.num_workers
+
+
+def train_dataset(setup, *, first_epoch):
+    """The distributed training stream from `first_epoch`."""
+    config = setup.config
     return setup.devices.strategy.distribute_datasets_from_function(
-        pipeline.eval_dataset_fn(
-            split, image_size=setup.config.image_size, global_batch_size=setup.config.batch_size
+        lambda context: pipeline.train_dataset(
+            setup.train, batch_size=context.get_per_replica_batch_size(config.batch_size),
+            batches_per_epoch=setup.steps_per_epoch * _local_replicas(setup), seed=config.seed,
+            first_epoch=first_epoch, augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
+            deterministic=config.deterministic,
         )
     )
 
 
-def evaluate_split(setup, split):
-    """Exact loss and accuracy over every example of `split` (None for no split)."""
-    dataset = eval_dataset(setup, split)
+def eval_dataset(setup, examples):
+    """The distributed evaluation dataset of `examples` (None for none)."""
+    if examples is None:
+        return None
+    config = setup.config
+    steps = pipeline.eval_steps(examples.split, config.batch_size, setup.worker)
+    return setup.devices.strategy.distribute_datasets_from_function(
+        lambda context: pipeline.eval_dataset(
+            examples, batch_size=context.get_per_replica_batch_size(config.batch_size), steps=steps,
+            local_replicas=_local_replicas(setup), deterministic=config.deterministic,
+        )
+    )
+
+
+def evaluate_split(setup, examples):
+    """Exact loss and accuracy over every example that decoded (None for no examples)."""
+    dataset = eval_dataset(setup, examples)
     trainer = setup.trainer or setup.trainer_for(int(setup.epoch.numpy()))
     return summarize(trainer.evaluate(dataset)) if dataset else None
 
@@ -196,11 +244,12 @@ def train(config):
 
     before = trainability.snapshot(setup.model)
     last, throughput = loop.train_epochs(
-        setup=setup, run_dir=run_dir, eval_dataset=eval_dataset(setup, setup.eval_split), steps=steps
+        setup=setup, run_dir=run_dir, train_dataset=train_dataset(setup, first_epoch=first_epoch),
+        eval_dataset=eval_dataset(setup, setup.eval),
     )
     if not last:  # Nothing left to train: report the last checkpointed epoch.
         last = run_dir.last_metrics()
-    test = evaluate_split(setup, setup.test_split)
+    test = evaluate_split(setup, setup.test)
 
     setup.model.save(run_dir.file("model.keras"))
     setup.model.get_layer(BACKBONE_LAYER).save_weights(run_dir.file("backbone.weights.h5"))
@@ -223,6 +272,10 @@ def train(config):
         "test_accuracy": test["accuracy"] if test else None,
         "test_examples": test["examples"] if test else None,
         "images_per_sec": throughput.images_per_sec,
+        "skipped_examples": {
+            name: examples.skipped for name, examples in (("train", setup.train), ("eval", setup.eval),
+                                                          ("test", setup.test)) if examples
+        },
         "devices": _describe(setup.devices),
         "trainability_audit": trainability.audit(setup.model, before, setup.trained_variables),
         "wall_seconds": time.time() - started,
@@ -244,8 +297,8 @@ def evaluate(config):
     if not restored:
         raise ConfigError("model_dir", config.model_dir, "has no checkpoint to evaluate")
     evaluation = {"job": "evaluate", "checkpoint": restored}
-    for name, split in (("eval", setup.eval_split), ("test", setup.test_split)):
-        metrics = evaluate_split(setup, split)
+    for name, examples in (("eval", setup.eval), ("test", setup.test)):
+        metrics = evaluate_split(setup, examples)
         for key in ("loss", "accuracy", "examples"):
             evaluation[f"{name}_{key}"] = metrics[key] if metrics else None
     run_dir.write_json("evaluation.json", evaluation)
@@ -284,4 +337,4 @@ def _fmt(value, spec=".4f"):
     return "-" if value is None else format(value, spec)
 
 
-JOBS = {"train": train, "evaluate": evaluate, "export": export}
+JOBS = {"train": train, "evaluate": evaluate, "export": export, "benchmark": benchmark.benchmark}

@@ -8,7 +8,6 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from data import pipeline
 from engine.trainer import summarize
 
 
@@ -28,18 +27,12 @@ class Throughput:
         return self.images / self.seconds if self.seconds else None
 
 
-def train_epochs(*, setup, run_dir, eval_dataset, steps):
-    """Trains `steps` global steps per epoch from the checkpointed epoch to `--epochs`; returns (last
-    epoch's metrics, throughput)."""
-    config, strategy = setup.config, setup.devices.strategy
+def train_epochs(*, setup, run_dir, train_dataset, eval_dataset):
+    """Trains from the checkpointed epoch to `--epochs` on `train_dataset` (a distributed stream that
+    starts at that epoch); returns (last epoch's metrics, throughput)."""
+    config, steps = setup.config, setup.steps_per_epoch
     first_epoch = int(setup.epoch.numpy())
-    dataset = strategy.distribute_datasets_from_function(
-        pipeline.train_dataset_fn(
-            setup.train_split, image_size=config.image_size, global_batch_size=config.batch_size,
-            steps_per_epoch=steps, seed=config.seed, first_epoch=first_epoch,
-        )
-    )
-    iterator = iter(dataset)
+    iterator = iter(train_dataset)
     writers = {name: tf.summary.create_file_writer(run_dir.file("logs", name)) for name in ("train", "eval")}
     throughput = Throughput()  # The run's, leaving out each stage's first call (it traces).
     traced = set()

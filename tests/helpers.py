@@ -29,6 +29,7 @@ def tiny_config(**overrides):
         epochs=1,
         steps_per_loop=2,
         dropout=0.0,
+        deterministic=True,
     )
     values.update(overrides)
     return validate(Config(**values))

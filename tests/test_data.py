@@ -1,7 +1,8 @@
-"""data/: the offline Fashion-MNIST builder, sources and splits, and the tf.data pipeline."""
+"""data/: the offline Fashion-MNIST builder, TFDS and folder sources, and the tf.data pipeline."""
 
 import gzip
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -16,6 +17,11 @@ from helpers import one_device, two_devices
 @pytest.fixture
 def fmnist(tiny):
     return sources.open_source(tiny(label_subset=()))
+
+
+@pytest.fixture
+def subset(tiny):
+    return sources.open_source(tiny(label_subset=(6, 0, 2)))
 
 
 def test_offline_fashion_mnist_has_tfds_features_and_full_splits(fmnist):
@@ -40,8 +46,7 @@ def _labels(source, split):
     return np.concatenate([labels for _, labels in source.read(split).batch(1000).as_numpy_iterator()])
 
 
-def test_label_subset_keeps_and_relabels_in_the_order_given(tiny, fmnist):
-    subset = sources.open_source(tiny(label_subset=(6, 0, 2)))
+def test_label_subset_keeps_and_relabels_in_the_order_given(fmnist, subset):
     assert subset.class_names == ("Shirt", "T-shirt/top", "Pullover")
     original = _labels(fmnist, "test[:500]")
     relabelled = _labels(subset, "test[:500]")
@@ -53,8 +58,7 @@ def test_label_subset_keeps_and_relabels_in_the_order_given(tiny, fmnist):
 def test_a_subset_label_absent_from_a_split_is_refused(tiny, fmnist):
     first = _labels(fmnist, "test[:4]")
     absent = next(label for label in range(10) if label not in first)
-    present = int(first[0])
-    source = sources.open_source(tiny(label_subset=(present, absent)))
+    source = sources.open_source(tiny(label_subset=(int(first[0]), absent)))
     with pytest.raises(ConfigError, match=rf"label {absent} does not occur in --eval_split=test\[:4\]"):
         source.split("test[:4]", "eval_split")
 
@@ -65,9 +69,10 @@ def test_a_subset_label_beyond_the_classes_is_refused(tiny):
 
 
 @pytest.mark.parametrize("split, message", [("train[:0]", "selects no examples"), ("validation", "not a split")])
-def test_empty_or_unknown_splits_are_refused(fmnist, split, message):
-    with pytest.raises(ConfigError, match=rf"^--eval_split={split.replace('[', '.').replace(']', '.')}: {message}"):
-        fmnist.split(split, "eval_split")
+def test_empty_or_unknown_splits_are_refused(fmnist, subset, split, message):
+    for source in (fmnist, subset):
+        with pytest.raises(ConfigError, match=rf"^--eval_split={split.replace('[', '.').replace(']', '.')}: {message}"):
+            source.split(split, "eval_split")
 
 
 def test_unknown_dataset_is_refused(tiny):
@@ -75,64 +80,161 @@ def test_unknown_dataset_is_refused(tiny):
         sources.open_source(tiny(dataset="no_such_data"))
 
 
-def _image_digest(image):
+def _digest(image):
     return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
 
 
 @pytest.mark.parametrize("strategy_fn", [one_device, two_devices])
 @pytest.mark.parametrize("global_batch", [6, 8])
-def test_evaluation_sees_every_example_exactly_once(tiny, strategy_fn, global_batch):
-    source = sources.open_source(tiny(label_subset=(6, 0, 2)))
-    split = source.split("test[:151]", "eval_split")  # 50 examples after the subset: neither batch divides it.
+def test_evaluation_sees_every_example_exactly_once(subset, strategy_fn, global_batch):
+    split = subset.split("test[:151]", "eval_split")  # 50 examples after the subset: neither batch divides it.
+    examples = pipeline.prepare(split, image_size=32)
     strategy = strategy_fn()
+    replicas = strategy.num_replicas_in_sync
+    steps = pipeline.eval_steps(split, global_batch)
     dataset = strategy.distribute_datasets_from_function(
-        pipeline.eval_dataset_fn(split, image_size=32, global_batch_size=global_batch)
+        lambda context: pipeline.eval_dataset(
+            examples, batch_size=context.get_per_replica_batch_size(global_batch), steps=steps,
+            local_replicas=replicas,
+        )
     )
-    seen = []
+    seen, batches = [], 0
     for images, labels, weights in dataset:
+        batches += 1
         for replica_images, replica_weights in zip(
             strategy.experimental_local_results(images), strategy.experimental_local_results(weights)
         ):
-            assert replica_images.shape[0] == global_batch // strategy.num_replicas_in_sync
-            seen += [_image_digest(image) for image, w in zip(replica_images.numpy(), replica_weights) if w == 1]
-    expected = [_image_digest(image) for image, _ in pipeline._examples(split, None, 32).as_numpy_iterator()]
-    assert split.num_examples == 50
+            assert replica_images.shape[0] == global_batch // replicas
+            seen += [_digest(image) for image, w in zip(replica_images.numpy(), replica_weights) if w == 1]
+    expected = [_digest(image) for image, _ in examples.dataset.as_numpy_iterator()]
+    assert split.num_examples == examples.count == 50 and batches == steps == -(-50 // global_batch)
     assert sorted(seen) == sorted(expected), "evaluation lost or duplicated examples"
 
 
-def test_training_epochs_are_seeded_and_resumable(tiny):
-    source = sources.open_source(tiny(label_subset=(6, 0, 2)))
-    split = source.split("test[:100]", "train_split")
-    steps = pipeline.epoch_steps(split, 8)
-    assert steps == split.num_examples // 8
-
-    def batches(first_epoch, count):
-        fn = pipeline.train_dataset_fn(
-            split, image_size=32, global_batch_size=8, steps_per_epoch=steps, seed=3, first_epoch=first_epoch
-        )
-        dataset = one_device().distribute_datasets_from_function(fn)
-        out = []
-        for images, labels in dataset:
-            out.append(labels.numpy() if hasattr(labels, "numpy") else labels)
-            if len(out) == count:
-                return out
-        return out
-
-    from_start = batches(0, 2 * steps)
-    resumed = batches(1, steps)
-    for a, b in zip(from_start[steps:], resumed):
-        np.testing.assert_array_equal(a, b)
-    assert not all(np.array_equal(a, b) for a, b in zip(from_start[:steps], from_start[steps:])), (
-        "two epochs had the same order: the shuffle is not reseeded per epoch"
+def _epochs(examples, *, count, first_epoch=0, augmentation="none", shuffle_buffer=pipeline.SHUFFLE_BUFFER):
+    steps = pipeline.epoch_steps(examples, 8)
+    dataset = pipeline.train_dataset(
+        examples, batch_size=8, batches_per_epoch=steps, seed=3, first_epoch=first_epoch,
+        augmentation=augmentation, shuffle_buffer=shuffle_buffer,
     )
-    assert all(batch.shape == (8,) for batch in from_start)
+    batches = list(dataset.take(steps * count).as_numpy_iterator())
+    return [batches[i * steps:(i + 1) * steps] for i in range(count)]
 
 
-def test_steps_per_epoch_leave_every_worker_full_batches():
+def test_training_epochs_are_seeded_full_and_resumable(subset):
+    examples = pipeline.prepare(subset.split("test[:100]", "train_split"), image_size=32)
+    assert pipeline.epoch_steps(examples, 8) == examples.count // 8
+    first, second = _epochs(examples, count=2)
+    (resumed,) = _epochs(examples, count=1, first_epoch=1)
+    for a, b in zip(second, resumed):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    assert any(not np.array_equal(a[1], b[1]) for a, b in zip(first, second)), "epochs were not reshuffled"
+    seen = [_digest(image) for images, _ in first for image in images]
+    assert len(set(seen)) == len(seen) == pipeline.epoch_steps(examples, 8) * 8, "an epoch repeated examples"
+
+
+def test_augmentation_runs_after_the_cache(subset):
+    """One decode per example, yet two epochs see different augmented pixels of the same images."""
+    decoded = tf.Variable(0, dtype=tf.int64)
+    original = pipeline.decode
+
+    def counting_decode(*args, **kwargs):
+        decoded.assign_add(1)
+        return original(*args, **kwargs)
+
+    pipeline.decode = counting_decode
+    try:
+        examples = pipeline.prepare(subset.split("test[:60]", "train_split"), image_size=32)
+    finally:
+        pipeline.decode = original
+    assert int(decoded.numpy()) == examples.count
+    # A buffer of 1 keeps the cache order, so epoch 1's images are epoch 0's, augmented anew.
+    first, second = _epochs(examples, count=2, augmentation="flip_crop", shuffle_buffer=1)
+    assert int(decoded.numpy()) == examples.count, "training decoded again: augmentation is not after the cache"
+    cached = np.stack([image for image, _ in examples.dataset.as_numpy_iterator()])[: len(first) * 8]
+    augmented = [np.concatenate([images for images, _ in epoch]) for epoch in (first, second)]
+    assert not np.array_equal(augmented[0], augmented[1]), "both epochs got the same augmentation"
+    assert not np.array_equal(augmented[0], cached)
+    again, _ = _epochs(examples, count=2, augmentation="flip_crop", shuffle_buffer=1)
+    np.testing.assert_array_equal(np.concatenate([images for images, _ in again]), augmented[0])
+
+
+def test_augment_flips_and_crops_within_the_padded_image():
+    image = tf.reshape(tf.range(64 * 3, dtype=tf.int32) % 256, [8, 8, 3])
+    image = tf.cast(image, tf.uint8)
+    outputs = {_digest(pipeline.augment(image, tf.constant([1, i], tf.int64), "flip").numpy()) for i in range(20)}
+    assert outputs == {_digest(image.numpy()), _digest(image.numpy()[:, ::-1])}
+    cropped = [pipeline.augment(image, tf.constant([2, i], tf.int64), "flip_crop") for i in range(20)]
+    assert all(c.shape == (8, 8, 3) for c in cropped)
+    assert len({_digest(c.numpy()) for c in cropped}) > 2
+
+
+def test_file_cache_is_written_once_and_reused(subset, tmp_path):
+    split = subset.split("test[:60]", "train_split")
+    first = pipeline.prepare(split, image_size=16, cache=str(tmp_path))
+    files = sorted(os.listdir(tmp_path))
+    assert files and any(name.endswith(".index") for name in files)
+    second = pipeline.prepare(split, image_size=16, cache=str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == files and first.count == second.count == split.num_examples
+    a = [image for image, _ in first.dataset.as_numpy_iterator()]
+    b = [image for image, _ in second.dataset.as_numpy_iterator()]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_workers_shard_by_example_and_see_every_example_once(subset):
+    split = subset.split("test[:100]", "train_split")
+    shards = [pipeline.prepare(split, image_size=16, worker=pipeline.Worker(i, 3)) for i in range(3)]
+    assert [shard.count for shard in shards] == [pipeline.Worker(i, 3).shard_size(split.num_examples) for i in range(3)]
+    digests = [_digest(image) for shard in shards for image, _ in shard.dataset.as_numpy_iterator()]
+    whole = [_digest(image) for image, _ in pipeline.prepare(split, image_size=16).dataset.as_numpy_iterator()]
+    assert sorted(digests) == sorted(whole)
+
+
+def test_steps_cover_the_largest_worker_shard():
     split = sources.Split(source=None, name="x", num_examples=103)
-    assert pipeline.epoch_steps(split, 10) == 10
-    assert pipeline.epoch_steps(split, 10, num_workers=2) == 10  # 51 per worker, batches of 5.
-    assert pipeline.epoch_steps(split, 10, cap=3) == 3
+    assert pipeline.eval_steps(split, 10) == 11
+    assert pipeline.eval_steps(split, 10, pipeline.Worker(1, 2)) == 11  # 52 per worker, batches of 5.
+    counted = pipeline.Examples(split=split, dataset=None, count=103, skipped=0)
+    assert pipeline.epoch_steps(counted, 10) == 10
+    assert pipeline.epoch_steps(counted, 10, cap=3) == 3
+
+
+def _write_folder(root, per_class=6, corrupt=None):
+    """A folder dataset of small PNG and JPEG images; `corrupt` names a class to add a broken JPEG to."""
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(["cat", "dog"]):
+        os.makedirs(root / name)
+        for i in range(per_class):
+            pixels = tf.constant(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8))
+            encoded = tf.io.encode_jpeg(pixels) if i % 2 else tf.io.encode_png(pixels)
+            (root / name / f"{i}.{'jpg' if i % 2 else 'png'}").write_bytes(encoded.numpy())
+        (root / name / "notes.txt").write_text("not an image")
+    if corrupt:
+        (root / corrupt / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated, not a JPEG")
+
+
+def test_a_folder_dataset_has_classes_splits_and_skips_a_corrupt_image(tiny, tmp_path):
+    _write_folder(tmp_path, corrupt="dog")
+    source = sources.open_source(tiny(dataset=f"folder:{tmp_path}", label_subset=()))
+    assert source.class_names == ("cat", "dog") and source.channels == 3
+    whole = source.split("train", "train_split")
+    assert whole.num_examples == 13
+    assert source.split("train[:50%]", "train_split").num_examples + source.split(
+        "train[50%:]", "eval_split").num_examples == 13
+    examples = pipeline.prepare(whole, image_size=24)
+    assert (examples.count, examples.skipped) == (12, 1)
+    with pytest.raises(ConfigError, match=r"not a split of folder:.*Unknown split 'test'"):
+        source.split("test", "test_split")
+    only_dogs = sources.open_source(tiny(dataset=f"folder:{tmp_path}", label_subset=(1, 0)))
+    assert only_dogs.class_names == ("dog", "cat")
+
+
+def test_a_folder_without_class_folders_is_refused(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"^--dataset=folder:.*needs one sub-folder of images per class"):
+        sources.open_source(tiny(dataset=f"folder:{tmp_path}"))
+    with pytest.raises(ConfigError, match=r"^--dataset=folder:/no/such/dir: no such directory$"):
+        sources.open_source(tiny(dataset="folder:/no/such/dir"))
 
 
 def test_mock_cats_vs_dogs_decodes_images_of_any_size(tiny):
@@ -140,11 +242,10 @@ def test_mock_cats_vs_dogs_decodes_images_of_any_size(tiny):
         source = sources.open_source(tiny(dataset="cats_vs_dogs", label_subset=(), data_dir=None))
         assert source.class_names == ("cat", "dog") and source.channels == 3
         split = source.split("train", "train_split")
-        assert split.num_examples == 12
-        images = [image for image, _ in pipeline._examples(split, None, 24).as_numpy_iterator()]
-    assert len(images) == 12
-    assert {image.shape for image in images} == {(24, 24, 3)}
-    assert images[0].dtype == np.uint8
+        examples = pipeline.prepare(split, image_size=24)
+        images = [image for image, _ in examples.dataset.as_numpy_iterator()]
+    assert split.num_examples == examples.count == len(images) == 12
+    assert {image.shape for image in images} == {(24, 24, 3)} and images[0].dtype == np.uint8
 
 
 def test_decode_resizes_and_keeps_uint8():
@@ -152,3 +253,8 @@ def test_decode_resizes_and_keeps_uint8():
     image = pipeline.decode(encoded, image_size=9, channels=1)
     assert image.shape == (9, 9, 1) and image.dtype == tf.uint8
     assert int(tf.reduce_min(image)) == int(tf.reduce_max(image)) == 200
+
+
+def test_the_pipeline_throughput_helper_counts_images(subset):
+    split = subset.split("test[:64]", "train_split")
+    assert pipeline.images_per_sec(pipeline.naive_dataset(split, image_size=16, batch_size=8), batches=3) > 0

@@ -211,3 +211,53 @@ def test_export_needs_a_trained_model(data_dir, tmp_path):
     result = launch(*tiny_flags(tiny_config(data_dir=data_dir, model_dir=str(tmp_path))), "--job=export")
     assert result.returncode == 2
     assert f"error: --model_dir={tmp_path}: has no model.keras to export" in result.stderr
+
+
+MOCKED_LAUNCH = """
+import sys
+import tensorflow_datasets as tfds
+from absl import app
+import launch
+with tfds.testing.mock_data(num_examples=40):
+    app.run(launch.main, argv=["launch.py", *sys.argv[1:]], flags_parser=launch.parse_flags)
+"""
+
+
+def test_cats_vs_dogs_runs_end_to_end_through_launch_on_mocked_tfds(tmp_path):
+    """The tutorials' dataset and 80/10/10 split, offline: TFDS' mock serves random images of random
+    sizes (and ignores the percent slicing, so every split holds its 40 examples)."""
+    import subprocess
+    import sys
+
+    model_dir = str(tmp_path / "cats_vs_dogs")
+    args = [
+        f"--model_dir={model_dir}", "--dataset=cats_vs_dogs", "--backbone=small_cnn", "--image_size=32",
+        "--mode=scratch", "--train_split=train[:80%]", "--eval_split=train[80%:90%]",
+        "--test_split=train[90%:]", "--batch_size=8", "--epochs=2", "--augment=flip_crop",
+    ]
+    result = subprocess.run([sys.executable, "-c", MOCKED_LAUNCH, *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = read_json(os.path.join(model_dir, "results.json"))
+    assert results["dataset"] == "cats_vs_dogs" and results["class_names"] == ["cat", "dog"]
+    assert results["test_examples"] == 40 and results["global_step"] == 2 * (40 // 8)
+    assert results["trainable_params"] == 28_768 + 64 + 1, "two classes take one logit"
+    assert results["skipped_examples"] == {"train": 0, "eval": 0, "test": 0}
+
+
+def test_a_folder_dataset_skips_and_counts_a_corrupt_image(tmp_path):
+    from test_data import _write_folder
+
+    folder = tmp_path / "images"
+    _write_folder(folder, per_class=8, corrupt="cat")
+    model_dir = str(tmp_path / "run")
+    result = launch(
+        f"--model_dir={model_dir}", f"--dataset=folder:{folder}", "--backbone=small_cnn",
+        "--image_size=24", "--mode=scratch", "--train_split=train", "--eval_split=", "--test_split=",
+        "--batch_size=4", "--epochs=1", "--cache=none",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 undecodable skipped" in result.stderr
+    results = read_json(os.path.join(model_dir, "results.json"))
+    assert results["skipped_examples"] == {"train": 1}
+    assert results["global_step"] == 16 // 4

@@ -148,10 +148,7 @@ def test_staged_finetuning_switches_once_and_keeps_the_head_optimizer_state(tiny
                   model_dir=str(tmp_path))
     setup = jobs.build(config, RunDir(str(tmp_path)))
     built = list(setup.optimizer.variables)
-    iterator = iter(setup.devices.strategy.distribute_datasets_from_function(
-        jobs.pipeline.train_dataset_fn(setup.train_split, image_size=32, global_batch_size=8,
-                                       steps_per_epoch=3, seed=1)
-    ))
+    iterator = iter(jobs.train_dataset(setup, first_epoch=0))
     head_stage = setup.trainer_for(0)
     assert trained_paths(head_stage.variables) == ["logits/kernel", "logits/bias"]
     for _ in range(3):

@@ -112,10 +112,11 @@ def augment(image, seed, mode):
     return image
 
 
-def train_dataset(examples, *, batch_size, batches_per_epoch, seed, first_epoch=0, augmentation="none",
-                  shuffle_buffer=SHUFFLE_BUFFER, deterministic=True):
-    """Per-replica batches of (images, labels) for the whole run from `first_epoch` (see the module
-    docstring). `batches_per_epoch` counts this worker's batches: steps x local replicas."""
+def train_dataset(examples, *, batch_size, batches_per_epoch, seed, epochs, first_epoch=0,
+                  augmentation="none", shuffle_buffer=SHUFFLE_BUFFER, deterministic=True):
+    """Per-replica batches of (images, labels) for epochs `first_epoch` to `epochs` - 1 (see the module
+    docstring). `batches_per_epoch` counts this worker's batches: steps x local replicas. The stream
+    ends with the run, so no background thread outlives it."""
 
     def epoch(index):
         epoch_seed = seed * 1_000_003 + index
@@ -129,7 +130,7 @@ def train_dataset(examples, *, batch_size, batches_per_epoch, seed, first_epoch=
             )
         return shuffled.batch(batch_size, drop_remainder=True).take(batches_per_epoch)
 
-    stream = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+    stream = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch)
     return stream.prefetch(AUTOTUNE).with_options(options(deterministic))
 
 

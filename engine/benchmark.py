@@ -35,7 +35,7 @@ def pipeline_rates(config, split, *, batches=100):
         prepare_seconds = time.perf_counter() - started
         stream = pipeline.train_dataset(
             examples, batch_size=config.batch_size, batches_per_epoch=examples.count // config.batch_size,
-            seed=config.seed, augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
+            seed=config.seed, epochs=1, augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
             deterministic=config.deterministic,
         )
         rows[f"pipeline, cache {cache}"] = {

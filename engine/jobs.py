@@ -170,7 +170,7 @@ def train_dataset(setup, *, first_epoch):
         lambda context: pipeline.train_dataset(
             setup.train, batch_size=context.get_per_replica_batch_size(config.batch_size),
             batches_per_epoch=setup.steps_per_epoch * _local_replicas(setup), seed=config.seed,
-            first_epoch=first_epoch, augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
+            epochs=config.epochs, first_epoch=first_epoch, augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
             deterministic=config.deterministic,
         )
     )

@@ -114,7 +114,8 @@ def test_evaluation_sees_every_example_exactly_once(subset, strategy_fn, global_
 def _epochs(examples, *, count, first_epoch=0, augmentation="none", shuffle_buffer=pipeline.SHUFFLE_BUFFER):
     steps = pipeline.epoch_steps(examples, 8)
     dataset = pipeline.train_dataset(
-        examples, batch_size=8, batches_per_epoch=steps, seed=3, first_epoch=first_epoch,
+        examples, batch_size=8, batches_per_epoch=steps, seed=3, epochs=first_epoch + count,
+        first_epoch=first_epoch,
         augmentation=augmentation, shuffle_buffer=shuffle_buffer,
     )
     batches = list(dataset.take(steps * count).as_numpy_iterator())

@@ -3,8 +3,8 @@ input must be preprocessed.
 
 Adding a backbone is one `Backbone(...)` entry in `BACKBONES`. Every backbone takes RGB input at the
 scale its weights were trained on; `preprocess` maps float RGB pixels in [0, 255] to that scale, and
-grayscale images are repeated to three channels before it (models/classifier.py), so weights are
-interchangeable between grayscale and colour datasets.
+grayscale images become three channels before it (`grayscale_to_rgb`), so weights are interchangeable
+between grayscale and colour datasets.
 """
 
 import dataclasses
@@ -16,7 +16,7 @@ import keras
 
 def repeat_gray(images):
     """Grayscale -> RGB by repeating the channel: what ImageNet-trained backbones expect of gray input."""
-    return keras.ops.repeat(images, 3, axis=-1)
+    return keras.layers.Concatenate(name="gray_to_rgb")([images, images, images])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,13 +25,14 @@ class Backbone:
     # (input_shape, weights: "imagenet" or None, alpha) -> keras.Model without a classifier top.
     build: Callable
     # float32 RGB pixels in [0, 255] -> the input scale the weights were trained with: keras.applications'
-    # own preprocess_input (a pass-through where the model rescales inside itself).
+    # own preprocess_input (a pass-through where the model rescales inside itself). Applied to symbolic
+    # Keras tensors, so it must use Keras layers or ops only.
     preprocess: Callable
     default_image_size: int
     has_imagenet_weights: bool = True
     # Whether `--alpha` (a width multiplier) means anything to it.
     has_alpha: bool = False
-    # 1-channel float images -> 3 channels, before `preprocess`.
+    # 1-channel float images -> 3 channels, before `preprocess` (symbolic, like `preprocess`).
     grayscale_to_rgb: Callable = repeat_gray
 
 

@@ -1,8 +1,8 @@
 """The classifier: raw images -> preprocessing -> backbone -> head, and where backbone weights come from.
 
-The model carries its own preprocessing (`Preprocess`), so it takes raw uint8 images of any size, in
-training, in evaluation and after export; the input pipeline never rescales pixels itself. That is how
-the engine never feeds a backbone the wrong preprocessing.
+The model carries its own preprocessing, so it takes raw uint8 images of any size, in training, in
+evaluation and after export; the input pipeline never rescales pixels itself. That is how the engine
+never feeds a backbone the wrong preprocessing.
 """
 
 import os
@@ -17,34 +17,26 @@ from models.backbones import BACKBONES
 BACKBONE_LAYER = "backbone"
 
 
-@keras.saving.register_keras_serializable(package="transfer_engine")
-class Preprocess(keras.layers.Layer):
-    """uint8 images of any size and 1 or 3 channels -> the backbone's input at `image_size`."""
+def preprocessing(backbone, image_size, channels):
+    """uint8 images of any size with `channels` channels -> the backbone's input at `image_size`.
 
-    def __init__(self, backbone, image_size, **kwargs):
-        kwargs.setdefault("dtype", "float32")  # Pixel arithmetic stays float32 under mixed precision.
-        super().__init__(**kwargs)
-        self.backbone = backbone
-        self.image_size = image_size
-
-    def call(self, images):
-        x = keras.ops.cast(images, "float32")
-        size = (self.image_size, self.image_size)
-        if tuple(x.shape[1:3]) != size:  # The input pipeline already resizes; exported models may not.
-            x = keras.ops.image.resize(x, size)
-        if x.shape[-1] == 1:
-            x = BACKBONES[self.backbone].grayscale_to_rgb(x)
-        return BACKBONES[self.backbone].preprocess(x)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.image_size, self.image_size, 3)
-
-    def get_config(self):
-        return {**super().get_config(), "backbone": self.backbone, "image_size": self.image_size}
+    Built from Keras' own layers and the backbone's keras.applications `preprocess_input` applied to
+    symbolic tensors, so a saved model holds it and loads in a plain Keras without this project.
+    Computed in float32 under mixed precision.
+    """
+    entry = BACKBONES[backbone]
+    inputs = keras.Input((None, None, channels), dtype="uint8", name="image")
+    # Cast first: on integer input Keras' Resizing returns integers inside tf.function (rounding the
+    # interpolated pixels) but floats eagerly; on floats it is the same everywhere.
+    x = keras.ops.cast(inputs, "float32")
+    x = keras.layers.Resizing(image_size, image_size, dtype="float32", name="resize")(x)
+    if channels == 1:
+        x = entry.grayscale_to_rgb(x)
+    return keras.Model(inputs, entry.preprocess(x), name="preprocess")
 
 
 def build_classifier(*, backbone, image_size, channels, num_classes, alpha=1.0, dropout=0.0, weights=None):
-    """Preprocess -> backbone (a nested model named 'backbone') -> pooling -> dropout -> logits.
+    """Preprocessing -> backbone (a nested model named 'backbone') -> pooling -> dropout -> logits.
 
     Two classes get one logit (sigmoid); more get one logit each (softmax). Logits are float32 even
     under mixed precision, so the loss is computed in float32. `weights` is "imagenet" or None here;
@@ -52,7 +44,7 @@ def build_classifier(*, backbone, image_size, channels, num_classes, alpha=1.0, 
     """
     entry = BACKBONES[backbone]
     inputs = keras.Input((None, None, channels), dtype="uint8", name="image")
-    x = Preprocess(backbone, image_size, name="preprocess")(inputs)
+    x = preprocessing(backbone, image_size, channels)(inputs)
     base = _build_backbone(entry, (image_size, image_size, 3), weights, alpha)
     x = base(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
@@ -82,16 +74,18 @@ def _build_backbone(entry, input_shape, weights, alpha):
 
 
 def load_backbone_weights(model, source):
-    """Loads backbone weights into `model` from a weights file, a .keras model or an earlier run's dir.
+    """Loads backbone weights into `model` from a weights file, a .keras model or an earlier run's dir
+    (its backbone.weights.h5, else its model.keras).
 
     The head is left as built: only the backbone transfers. A file of another architecture or width
     is refused with a ConfigError naming the first layer that does not fit.
     """
     path = source
-    if os.path.isdir(path):
-        path = os.path.join(source, "model.keras")
-        if not os.path.exists(path):
-            raise ConfigError("weights", source, "is a directory without model.keras (not a finished run)")
+    if os.path.isdir(path):  # A finished run writes both; the backbone alone is all that is needed.
+        path = next((os.path.join(source, name) for name in ("backbone.weights.h5", "model.keras")
+                     if os.path.exists(os.path.join(source, name))), None)
+        if path is None:
+            raise ConfigError("weights", source, "is a directory without a finished run's weights")
     backbone = model.get_layer(BACKBONE_LAYER)
     with warnings.catch_warnings(record=True) as caught:  # Keras warns where it loads partially.
         warnings.simplefilter("always")
@@ -101,7 +95,7 @@ def load_backbone_weights(model, source):
                 _copy_weights(donor, backbone)
             else:
                 backbone.load_weights(path)
-        except (ValueError, KeyError, OSError) as error:
+        except (ValueError, KeyError, OSError, TypeError) as error:
             raise ConfigError("weights", source, f"does not fit this backbone: {_mismatch(error)}") from None
     partial = [w for w in caught if issubclass(w.category, UserWarning) and "saving" in w.filename]
     if partial:

@@ -17,7 +17,7 @@ from engine.config import ConfigError
 from engine.trainer import Trainer, make_optimizer
 from models import trainability
 from models.backbones import BACKBONES
-from models.classifier import BACKBONE_LAYER, Preprocess, build_classifier, load_backbone_weights
+from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights, preprocessing
 
 SIZE = 32
 APPLICATIONS = [name for name, entry in BACKBONES.items() if entry.has_imagenet_weights]
@@ -44,17 +44,17 @@ def test_every_application_backbone_is_checked_against_keras():
 def test_preprocessing_is_keras_applications_own(name):
     pixels = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype="uint8")
     expected = KERAS_OWN[name](pixels.astype("float32"))
-    np.testing.assert_allclose(Preprocess(name, SIZE)(pixels), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(preprocessing(name, SIZE, 3)(pixels), expected, rtol=1e-6, atol=1e-6)
     gray = pixels[..., :1]
     np.testing.assert_allclose(
-        Preprocess(name, SIZE)(gray), KERAS_OWN[name](np.repeat(gray, 3, axis=-1).astype("float32")),
+        preprocessing(name, SIZE, 1)(gray), KERAS_OWN[name](np.repeat(gray, 3, axis=-1).astype("float32")),
         rtol=1e-6, atol=1e-6,
     )
 
 
 def test_resnet50_gets_caffe_bgr_mean_subtraction_not_unit_pixels():
     white = np.full((1, 2, 2, 3), 255, "uint8")
-    out = np.asarray(Preprocess("resnet50", 2)(white))[0, 0, 0]
+    out = np.asarray(preprocessing("resnet50", 2, 3)(white))[0, 0, 0]
     np.testing.assert_allclose(out, [255 - 103.939, 255 - 116.779, 255 - 123.68], rtol=1e-6)
 
 

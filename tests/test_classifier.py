@@ -1,12 +1,16 @@
 """models/backbones.py and models/classifier.py: architecture, preprocessing, head, saving, weights."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
 
 from engine.config import ConfigError
 from models.backbones import BACKBONES
-from models.classifier import BACKBONE_LAYER, Preprocess, build_classifier, load_backbone_weights
+from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights, preprocessing
 
 
 def small(num_classes=3, channels=1, **kwargs):
@@ -27,16 +31,16 @@ def test_small_cnn_is_three_conv_bn_relu_pool_blocks_of_32_32_64():
 def test_mobilenet_v2_preprocessing_is_keras_own():
     pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype="uint8")
     expected = keras.applications.mobilenet_v2.preprocess_input(pixels.astype("float32"))
-    np.testing.assert_allclose(Preprocess("mobilenet_v2", 8)(pixels), expected, rtol=1e-6)
+    np.testing.assert_allclose(preprocessing("mobilenet_v2", 8, 3)(pixels), expected, rtol=1e-6)
 
 
 def test_grayscale_is_repeated_to_three_channels_and_resized():
     gray = np.arange(16, dtype="uint8").reshape(1, 4, 4, 1)
-    out = np.asarray(Preprocess("small_cnn", 4)(gray))
+    out = np.asarray(preprocessing("small_cnn", 4, 1)(gray))
     assert out.shape == (1, 4, 4, 3)
     for channel in range(3):
         np.testing.assert_allclose(out[..., channel], gray[..., 0] / 255.0, rtol=1e-6)
-    assert Preprocess("small_cnn", 8)(gray).shape == (1, 8, 8, 3)
+    assert preprocessing("small_cnn", 8, 1)(gray).shape == (1, 8, 8, 3)
 
 
 def test_two_classes_get_one_logit_more_get_one_each():
@@ -51,15 +55,29 @@ def test_logits_are_float32_under_mixed_precision():
     assert model(np.zeros((2, 32, 32, 1), "uint8")).dtype == "float32"
 
 
-def test_saved_model_takes_raw_uint8_images_of_any_size(tmp_path):
+def test_saved_model_loads_in_plain_keras_and_takes_raw_uint8_images_of_any_size(tmp_path):
+    """model.keras holds its preprocessing in Keras' own layers and ops: it loads and predicts in a
+    Python that cannot import this project."""
     model = small(dropout=0.1)
-    path = str(tmp_path / "model.keras")
+    path = tmp_path / "model.keras"
     model.save(path)
-    loaded = keras.saving.load_model(path)
-    images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 1), dtype="uint8")
-    np.testing.assert_allclose(loaded(images), model(images), rtol=1e-5, atol=1e-6)
-    bigger = np.random.default_rng(2).integers(0, 256, (2, 57, 41, 1), dtype="uint8")
-    assert loaded(bigger).shape == (2, 3)
+    rng = np.random.default_rng(1)
+    same = rng.integers(0, 256, (3, 32, 32, 1), dtype="uint8")
+    bigger = rng.integers(0, 256, (2, 57, 41, 1), dtype="uint8")
+    np.save(tmp_path / "same.npy", same)
+    np.save(tmp_path / "bigger.npy", bigger)
+    script = (
+        "import numpy as np, keras; m = keras.saving.load_model('model.keras'); "
+        "np.save('same_out.npy', np.asarray(m(np.load('same.npy')))); "
+        "np.save('bigger_out.npy', np.asarray(m(np.load('bigger.npy'))))"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "same_out.npy"), model(same), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "bigger_out.npy"), model(bigger), rtol=1e-5, atol=1e-6)
+    assert np.load(tmp_path / "bigger_out.npy").shape == (2, 3)
 
 
 def _backbone_weights(model):
@@ -104,7 +122,7 @@ def test_weights_of_another_architecture_fail_with_one_line(tmp_path, suffix):
 
 
 def test_a_directory_without_a_finished_run_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="is a directory without model.keras"):
+    with pytest.raises(ConfigError, match="is a directory without a finished run.s weights"):
         load_backbone_weights(small(), str(tmp_path))
 
 

@@ -5,7 +5,7 @@ Per worker, once: read its shard (by example) -> parallel decode and resize to u
 and tells exactly how many examples decoded. Then per epoch: seeded shuffle -> augmentation (after the
 cache, so every epoch draws new crops and flips from one decode) -> per-replica batches -> prefetch.
 
-Pixel scaling and grayscale-to-RGB are not done here: the model's own `Preprocess` layer does them
+Pixel scaling and grayscale-to-RGB are not done here: the model's own preprocessing does them
 (models/classifier.py), so the cache holds one channel for grayscale data and the saved model carries
 its preprocessing.
 
@@ -112,11 +112,12 @@ def augment(image, seed, mode):
     return image
 
 
-def train_dataset(examples, *, batch_size, batches_per_epoch, seed, epochs, first_epoch=0,
+def train_dataset(examples, *, batch_size, batches_per_epoch, seed, epochs, first_epoch=0, skip_batches=0,
                   augmentation="none", shuffle_buffer=SHUFFLE_BUFFER, deterministic=True):
-    """Per-replica batches of (images, labels) for epochs `first_epoch` to `epochs` - 1 (see the module
-    docstring). `batches_per_epoch` counts this worker's batches: steps x local replicas. The stream
-    ends with the run, so no background thread outlives it."""
+    """Per-replica batches of (images, labels) for epochs `first_epoch` to `epochs` - 1, less the first
+    `skip_batches` (a resumed run's position in its epoch); see the module docstring.
+    `batches_per_epoch` counts this worker's batches: steps x local replicas. The stream ends with
+    the run, so no background thread outlives it."""
 
     def epoch(index):
         epoch_seed = seed * 1_000_003 + index
@@ -130,7 +131,7 @@ def train_dataset(examples, *, batch_size, batches_per_epoch, seed, epochs, firs
             )
         return shuffled.batch(batch_size, drop_remainder=True).take(batches_per_epoch)
 
-    stream = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch)
+    stream = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch).skip(skip_batches)
     return stream.prefetch(AUTOTUNE).with_options(options(deterministic))
 
 

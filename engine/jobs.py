@@ -14,7 +14,8 @@ import tensorflow as tf
 
 from data import pipeline, sources
 from engine import benchmark, distribute, loop
-from engine.config import ConfigError, first_line
+from engine.checkpoints import Checkpoints
+from engine.config import ConfigError
 from engine.run_dir import RunDir
 from engine.trainer import Trainer, learning_rate_schedule, make_optimizer, summarize
 from models import trainability
@@ -36,11 +37,15 @@ class Setup:
     model: keras.Model
     trained_variables: list  # Every variable the run trains, in any stage.
     optimizer: keras.optimizers.Optimizer
-    epoch: tf.Variable
-    checkpoint: tf.train.Checkpoint
-    checkpoints: tf.train.CheckpointManager
+    step: tf.Variable  # Global training steps done.
+    epoch_sums: tf.Variable  # The current epoch's (loss, correct, examples) so far.
+    checkpoints: Checkpoints
     trainer: Trainer = None  # The current stage's; see trainer_for.
     stage: str = None
+
+    @property
+    def epochs_done(self):
+        return int(self.step.numpy()) // self.steps_per_epoch
 
     def stage_of(self, epoch):
         """The mode that trains `epoch`: a staged finetune run trains the head alone first."""
@@ -65,7 +70,7 @@ class Setup:
         return self.trainer
 
 
-def build(config, run_dir, *, pretrained=True):
+def build(config, *, pretrained=True):
     """Builds the whole setup; raises ConfigError for any bad input before anything is written.
 
     `pretrained=False` skips loading backbone weights (a checkpoint will replace them anyway).
@@ -97,9 +102,9 @@ def build(config, run_dir, *, pretrained=True):
         "Data: %s, %d classes (%s)", source.name, source.num_classes, ", ".join(source.class_names)
     )
 
-    steps_per_epoch = pipeline.epoch_steps(
+    steps_per_epoch = distribute.agree_on_minimum(devices, pipeline.epoch_steps(
         examples["train"], config.batch_size, devices.num_workers, config.steps_per_epoch
-    )
+    ))
     if steps_per_epoch == 0:
         raise ConfigError(
             "batch_size", config.batch_size,
@@ -136,15 +141,18 @@ def build(config, run_dir, *, pretrained=True):
             weight_decay=config.weight_decay, precision=devices.precision, variables=trained,
             lr_multipliers={id(w): config.backbone_lr_mult for w in trained if id(w) in backbone},
         )
-    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    epoch_sums = tf.Variable(tf.zeros([3], tf.float64), trainable=False, name="epoch_sums")
+    checkpoints = Checkpoints(
+        model=model, optimizer=optimizer, step=step, epoch_sums=epoch_sums,
+        directory=os.path.join(config.model_dir, "checkpoints"), keep=config.keep_checkpoints,
+        is_chief=devices.is_chief, worker_index=devices.worker_index,
+    )
     return Setup(
         config=config, devices=devices, source=source, worker=worker, train=examples["train"],
         eval=examples["eval"], test=examples["test"], steps_per_epoch=steps_per_epoch, model=model,
-        trained_variables=trained, optimizer=optimizer, epoch=epoch, checkpoint=checkpoint,
-        checkpoints=tf.train.CheckpointManager(
-            checkpoint, run_dir.checkpoints, max_to_keep=config.keep_checkpoints
-        ),
+        trained_variables=trained, optimizer=optimizer, step=step, epoch_sums=epoch_sums,
+        checkpoints=checkpoints,
     )
 
 
@@ -163,17 +171,28 @@ def _local_replicas(setup):
     return setup.devices.num_replicas // setup.devices.num_workers
 
 
-def train_dataset(setup, *, first_epoch):
-    """The distributed training stream from `first_epoch`."""
+def train_dataset(setup):
+    """The distributed training stream, positioned at the checkpointed step."""
     config = setup.config
-    return setup.devices.strategy.distribute_datasets_from_function(
-        lambda context: pipeline.train_dataset(
+    first_epoch, done = divmod(int(setup.step.numpy()), setup.steps_per_epoch)
+
+    def dataset_fn(context):
+        _check_shard(setup, context)
+        return pipeline.train_dataset(
             setup.train, batch_size=context.get_per_replica_batch_size(config.batch_size),
             batches_per_epoch=setup.steps_per_epoch * _local_replicas(setup), seed=config.seed,
-            epochs=config.epochs, first_epoch=first_epoch, augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
+            epochs=config.epochs, first_epoch=first_epoch, skip_batches=done * _local_replicas(setup),
+            augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
             deterministic=config.deterministic,
         )
-    )
+
+    return setup.devices.strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _check_shard(setup, context):
+    if (context.input_pipeline_id, context.num_input_pipelines) != (setup.worker.index, setup.worker.count):
+        raise RuntimeError(f"input pipeline {context.input_pipeline_id} of {context.num_input_pipelines} "
+                           f"got the examples of worker {setup.worker}")
 
 
 def eval_dataset(setup, examples):
@@ -182,52 +201,39 @@ def eval_dataset(setup, examples):
         return None
     config = setup.config
     steps = pipeline.eval_steps(examples.split, config.batch_size, setup.worker)
-    return setup.devices.strategy.distribute_datasets_from_function(
-        lambda context: pipeline.eval_dataset(
+
+    def dataset_fn(context):
+        _check_shard(setup, context)
+        return pipeline.eval_dataset(
             examples, batch_size=context.get_per_replica_batch_size(config.batch_size), steps=steps,
             local_replicas=_local_replicas(setup), deterministic=config.deterministic,
         )
-    )
+
+    return setup.devices.strategy.distribute_datasets_from_function(dataset_fn)
 
 
 def evaluate_split(setup, examples):
     """Exact loss and accuracy over every example that decoded (None for no examples)."""
     dataset = eval_dataset(setup, examples)
-    trainer = setup.trainer or setup.trainer_for(int(setup.epoch.numpy()))
+    trainer = setup.trainer or setup.trainer_for(setup.epochs_done)
     return summarize(trainer.evaluate(dataset)) if dataset else None
-
-
-def _restore(setup, run_dir, *, model_only=False):
-    """Restores the latest checkpoint, if any; returns its path."""
-    path = setup.checkpoints.latest_checkpoint
-    if not path:
-        return None
-    target = tf.train.Checkpoint(model=setup.model) if model_only else setup.checkpoint
-    try:
-        status = target.restore(path)
-        if model_only:
-            status.expect_partial()
-        else:
-            status.assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as error:
-        raise ConfigError(
-            "model_dir", run_dir.path, f"its checkpoint does not fit this configuration ({first_line(error)})"
-        ) from None
-    return path
 
 
 def train(config):
     """Trains (or resumes) a run in --model_dir and writes its results."""
     started = time.time()
-    run_dir = RunDir(config.model_dir)
-    setup = build(config, run_dir)
+    setup = build(config)
+    # Other workers write what the chief writes to a directory of their own (TensorFlow's convention).
+    run_dir = RunDir(config.model_dir if setup.devices.is_chief else
+                     os.path.join(config.model_dir, f"workertemp_{setup.devices.worker_index}"))
     run_dir.check_compatible(config)
-    restored = _restore(setup, run_dir)
+    restored = setup.checkpoints.restore()
     run_dir.start(config)
-    first_epoch = int(setup.epoch.numpy())
     if restored:
-        logging.info("Resuming from %s (epoch %d done)", restored, first_epoch)
-    run_dir.keep_metrics_until(first_epoch)
+        logging.info("Resuming from %s (step %d, epoch %d)", restored, int(setup.step.numpy()),
+                     setup.epochs_done + 1)
+    run_dir.keep_metrics_until(setup.epochs_done)
+    setup.checkpoints.watch_preemption(setup.devices.cluster_resolver)
     logging.info(
         "What trains (mode %s%s):\n%s", config.mode,
         f", the head alone for the first {config.head_epochs} epochs" if config.head_epochs else "",
@@ -244,7 +250,7 @@ def train(config):
 
     before = trainability.snapshot(setup.model)
     last, throughput = loop.train_epochs(
-        setup=setup, run_dir=run_dir, train_dataset=train_dataset(setup, first_epoch=first_epoch),
+        setup=setup, run_dir=run_dir, train_dataset=train_dataset(setup),
         eval_dataset=eval_dataset(setup, setup.eval),
     )
     if not last:  # Nothing left to train: report the last checkpointed epoch.
@@ -260,8 +266,8 @@ def train(config):
         "backbone": config.backbone,
         "dataset": config.dataset,
         "class_names": list(setup.source.class_names),
-        "global_step": int(setup.optimizer.iterations.numpy()),
-        "epochs_completed": int(setup.epoch.numpy()),
+        "global_step": int(setup.step.numpy()),
+        "epochs_completed": setup.epochs_done,
         "trainable_params": trainable,
         "non_trainable_params": frozen,
         "train_loss": last["train_loss"],
@@ -292,8 +298,8 @@ def train(config):
 def evaluate(config):
     """Evaluates the latest checkpoint of --model_dir on the eval and test splits."""
     run_dir = RunDir(config.model_dir)
-    setup = build(config, run_dir, pretrained=False)
-    restored = _restore(setup, run_dir, model_only=True)
+    setup = build(config, pretrained=False)
+    restored = setup.checkpoints.restore(model_only=True)
     if not restored:
         raise ConfigError("model_dir", config.model_dir, "has no checkpoint to evaluate")
     evaluation = {"job": "evaluate", "checkpoint": restored}
@@ -327,7 +333,7 @@ def _describe(devices):
     return {
         "kind": devices.kind,
         "replicas": devices.num_replicas,
-        "strategy": type(devices.strategy).__name__,
+        "strategy": devices.strategy_name,
         "precision": devices.precision,
         "jit_compile": devices.jit_compile,
     }
@@ -337,4 +343,9 @@ def _fmt(value, spec=".4f"):
     return "-" if value is None else format(value, spec)
 
 
-JOBS = {"train": train, "evaluate": evaluate, "export": export, "benchmark": benchmark.benchmark}
+JOBS = {
+    "train": train,
+    "evaluate": evaluate,
+    "export": export,
+    "benchmark": benchmark.benchmark,
+}

@@ -1,7 +1,7 @@
 """The run directory (`--model_dir`): what a run leaves behind, and refusing to mix two runs in one.
 
     flags.txt        the resolved flags; `--flagfile=flags.txt` reruns (or resumes) the run
-    checkpoints/     tf.train.CheckpointManager checkpoints (model, optimizer, epoch)
+    checkpoints/     tf.train.CheckpointManager checkpoints (engine/checkpoints.py)
     logs/train,eval  TensorBoard summaries
     metrics.jsonl    one JSON line per epoch
     results.json     final metrics, parameter counts, devices, trainability audit
@@ -18,6 +18,10 @@ from engine.config import ConfigError
 IDENTITY = (
     "backbone", "alpha", "image_size", "dataset", "label_subset", "mode", "unfreeze", "unfreeze_from",
     "trainable_regex", "bn", "optimizer",
+    # These fix which examples make each step: a resumed run must keep them to continue where it was.
+    "train_split", "batch_size", "steps_per_epoch",
+    # The optimizer's checkpoint holds its learning rate: a resumed run would silently keep the old one.
+    "learning_rate", "lr_schedule", "warmup_steps",
 )
 
 
@@ -27,10 +31,6 @@ class RunDir:
 
     def file(self, *parts):
         return os.path.join(self.path, *parts)
-
-    @property
-    def checkpoints(self):
-        return self.file("checkpoints")
 
     def check_compatible(self, config):
         """Refuses a directory holding a run of another configuration (before anything is written)."""

@@ -36,8 +36,9 @@ def tiny_config(**overrides):
 
 
 def launch(*args, env=None, timeout=600):
-    """Runs launch.py in a subprocess; returns the CompletedProcess (text output)."""
-    full_env = dict(os.environ, **(env or {}))
+    """Runs launch.py in a subprocess; returns the CompletedProcess (text output). `env` adds
+    variables to this process's environment; a None value removes one."""
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "launch.py"), *args],
         cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,

@@ -13,7 +13,6 @@ import tensorflow as tf
 
 from engine import jobs
 from engine.config import ConfigError
-from engine.run_dir import RunDir
 from engine.trainer import make_optimizer
 from helpers import load_weights_file, replace, train_run
 from models import trainability
@@ -146,9 +145,9 @@ def test_staged_finetuning_switches_once_and_keeps_the_head_optimizer_state(tiny
     weights = os.path.join(pretrained_run, "backbone.weights.h5")
     config = tiny(mode="finetune", unfreeze=2, head_epochs=1, epochs=2, weights=weights, steps_per_epoch=3,
                   model_dir=str(tmp_path))
-    setup = jobs.build(config, RunDir(str(tmp_path)))
+    setup = jobs.build(config)
     built = list(setup.optimizer.variables)
-    iterator = iter(jobs.train_dataset(setup, first_epoch=0))
+    iterator = iter(jobs.train_dataset(setup))
     head_stage = setup.trainer_for(0)
     assert trained_paths(head_stage.variables) == ["logits/kernel", "logits/bias"]
     for _ in range(3):

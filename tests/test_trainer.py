@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from engine import jobs
-from engine.run_dir import RunDir
 from engine.trainer import learning_rate_schedule, per_example_loss
 from helpers import replace, train_run
 from models.classifier import BACKBONE_LAYER
@@ -73,7 +72,7 @@ def test_steps_per_loop_gives_the_same_weights_as_single_steps(tiny, tmp_path):
 def test_mixed_float16_scales_the_loss_and_keeps_frozen_weights(tiny, pretrained_run, tmp_path):
     weights = os.path.join(pretrained_run, "backbone.weights.h5")
     config = tiny(mode="finetune", unfreeze=2, weights=weights, precision="mixed_float16", steps_per_epoch=4)
-    setup = jobs.build(replace(config, model_dir=str(tmp_path)), RunDir(str(tmp_path)))
+    setup = jobs.build(replace(config, model_dir=str(tmp_path)))
     assert isinstance(setup.optimizer, keras.optimizers.LossScaleOptimizer)
     assert setup.model.get_layer(BACKBONE_LAYER).compute_dtype == "float16"
 

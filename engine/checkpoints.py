@@ -1,0 +1,91 @@
+"""Checkpoints: what a run saves, where each worker writes it, resuming, and preemption.
+
+A checkpoint holds the model, the optimizer (loss-scale state included), the dropout RNG states, the
+global step and the current epoch's running metric sums. The input position follows from the step:
+every epoch of the training stream is a pure function of (seed, epoch) (data/pipeline.py), so a resumed
+run rebuilds its epoch and skips the batches already trained on.
+
+TensorFlow writes a checkpoint's files first and then points the directory's `checkpoint` state file
+at them, so a kill while saving leaves the previous checkpoint the latest one. The chief writes to
+`model_dir/checkpoints`; other workers write the same checkpoints to `workertemp_<id>` inside it
+(TensorFlow's convention), and every worker restores from the chief's directory.
+
+Preemption: `tf.distribute.experimental.PreemptionCheckpointHandler` catches SIGTERM, saves a checkpoint
+at the next step boundary (in step with the other workers) and exits with EXIT_PREEMPTED; rerunning
+the same command resumes.
+"""
+
+import os
+import sys
+
+from absl import logging
+import tensorflow as tf
+
+from engine.config import ConfigError, first_line
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a temporary failure; rerun the same command to resume.
+
+
+class Checkpoints:
+    def __init__(self, *, model, optimizer, step, epoch_sums, directory, keep, is_chief=True, worker_index=0):
+        weights = {id(weight) for weight in model.weights}
+        rng = [variable for variable in model.variables if id(variable) not in weights]
+        self.model = model
+        self.step = step
+        self.checkpoint = tf.train.Checkpoint(
+            model=model, optimizer=optimizer, step=step, epoch_sums=epoch_sums, rng=rng
+        )
+        self.reader = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep)
+        self.writer = self.reader if is_chief else tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(directory, f"workertemp_{worker_index}"), max_to_keep=1
+        )
+        self._preemption = None
+
+    @property
+    def latest(self):
+        return self.reader.latest_checkpoint
+
+    def restore(self, *, model_only=False):
+        """Restores the latest checkpoint, if any; returns its path. A checkpoint of another
+        configuration is refused with a ConfigError."""
+        path = self.latest
+        if not path:
+            return None
+        target = tf.train.Checkpoint(model=self.model) if model_only else self.checkpoint
+        try:
+            status = target.restore(path)
+            if model_only:
+                status.expect_partial()
+            else:
+                status.assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as error:
+            raise ConfigError(
+                "model_dir", os.path.dirname(os.path.dirname(path)),
+                f"its checkpoint does not fit this configuration ({first_line(error)})",
+            ) from None
+        return path
+
+    def save(self):
+        return self.writer.save(checkpoint_number=int(self.step.numpy()))
+
+    def watch_preemption(self, cluster_resolver):
+        """From now on SIGTERM saves a checkpoint at the next `run` and exits with EXIT_PREEMPTED."""
+        self._preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
+            cluster_resolver, self.writer,
+            termination_config=tf.distribute.experimental.TerminationConfig(
+                save_fn=self.save, exit_fn=self._exit_preempted
+            ),
+        )
+
+    def run(self, train_function, *args):
+        """Runs one training call; a preemption signal received before it is handled here."""
+        if self._preemption is None:
+            return train_function(*args)
+        return self._preemption.run(train_function, *args)
+
+    def _exit_preempted(self):
+        logging.warning(
+            "Preempted: saved %s at step %d; rerun the same command to resume (exit status %d)",
+            self.writer.latest_checkpoint, int(self.step.numpy()), EXIT_PREEMPTED,
+        )
+        sys.exit(EXIT_PREEMPTED)

@@ -1,0 +1,170 @@
+"""engine/checkpoints.py and the loop's guards: exact resume after SIGKILL, preemption by SIGTERM,
+checkpoints never half-written, divergence, determinism.
+
+The reference is one uninterrupted run; interrupted and resumed runs of the same command must end with
+the same results and bitwise the same weights (CPU, --seed --deterministic).
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from engine.checkpoints import EXIT_PREEMPTED
+from engine.loop import EXIT_DIVERGED
+from helpers import ROOT, launch, tiny_config, tiny_flags, train_run
+
+TIMING = ("images_per_sec", "seconds", "wall_seconds")
+
+
+def resumable(data_dir, model_dir, **overrides):
+    """A run long enough to interrupt: 2 epochs of 225 single-step calls, a checkpoint every 20 steps."""
+    values = dict(
+        data_dir=data_dir, model_dir=str(model_dir), train_split="train[:20%]", batch_size=16,
+        image_size=48, epochs=2, steps_per_loop=1, checkpoint_every=20, dropout=0.3, augment="flip",
+    )
+    values.update(overrides)
+    return tiny_flags(tiny_config(**values))
+
+
+def read(model_dir, name):
+    with open(os.path.join(model_dir, name)) as f:
+        if name.endswith(".jsonl"):
+            return [json.loads(line) for line in f]
+        return json.load(f)
+
+
+def without_timing(record):
+    return {key: value for key, value in record.items() if key not in TIMING}
+
+
+def weights(model_dir):
+    return [w.numpy() for w in keras.saving.load_model(os.path.join(model_dir, "model.keras")).weights]
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = launch(*resumable(data_dir, model_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return str(model_dir)
+
+
+def _checkpoint_steps(model_dir):
+    state = os.path.join(model_dir, "checkpoints", "checkpoint")
+    if not os.path.exists(state):
+        return []
+    with open(state) as f:
+        return [int(step) for step in re.findall(r'all_model_checkpoint_paths: ".*ckpt-(\d+)"', f.read())]
+
+
+def _interrupt(args, model_dir, sig, after_step):
+    """Starts launch.py, sends `sig` once a checkpoint past `after_step` exists; returns the process."""
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not any(step > after_step for step in _checkpoint_steps(model_dir)):
+        assert process.poll() is None and time.time() < deadline, "the run ended before the signal"
+        time.sleep(0.02)
+    process.send_signal(sig)
+    process.wait(timeout=300)
+    return process
+
+
+def assert_same_run(model_dir, reference):
+    assert without_timing(read(model_dir, "results.json")) == without_timing(read(reference, "results.json"))
+    assert [without_timing(r) for r in read(model_dir, "metrics.jsonl")] == [
+        without_timing(r) for r in read(reference, "metrics.jsonl")
+    ]
+    for ours, theirs in zip(weights(model_dir), weights(reference)):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_results(data_dir, reference, tmp_path):
+    model_dir = str(tmp_path / "killed")
+    args = resumable(data_dir, model_dir)
+    killed = _interrupt(args, model_dir, signal.SIGKILL, after_step=60)
+    assert killed.returncode == -signal.SIGKILL
+    steps = _checkpoint_steps(model_dir)
+    assert max(steps) % 225 != 0, f"the kill did not land mid-epoch: {steps}"
+    assert not os.path.exists(os.path.join(model_dir, "results.json"))
+
+    resumed = launch(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {model_dir}/checkpoints/ckpt-{max(steps)} (step {max(steps)}, epoch 1)" in resumed.stderr
+    assert_same_run(model_dir, reference)
+
+
+def test_sigterm_checkpoints_exits_75_and_the_rerun_finishes_the_same(data_dir, reference, tmp_path):
+    model_dir = str(tmp_path / "preempted")
+    args = resumable(data_dir, model_dir)
+    preempted = _interrupt(args, model_dir, signal.SIGTERM, after_step=40)
+    stderr = preempted.stderr.read()
+    assert preempted.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    saved = re.search(r"Preempted: saved (\S+) at step (\d+); rerun the same command", stderr)
+    assert saved, stderr[-3000:]
+    assert saved.group(1).endswith(f"ckpt-{saved.group(2)}") and int(saved.group(2)) % 20 != 0
+
+    resumed = launch(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(step {saved.group(2)}," in resumed.stderr
+    assert_same_run(model_dir, reference)
+
+
+def test_a_half_written_checkpoint_is_never_the_one_resumed(data_dir, reference, tmp_path):
+    """A kill while TensorFlow writes ckpt-N leaves its files (or their temporary directory) but not the
+    `checkpoint` state file's pointer: the resumed run starts from the previous checkpoint."""
+    model_dir = str(tmp_path / "run")
+    shutil.copytree(reference, model_dir)
+    latest = max(_checkpoint_steps(model_dir))
+    for partial in (f"ckpt-{latest + 5}.index", f"ckpt-{latest + 5}.data-00000-of-00001"):
+        with open(os.path.join(model_dir, "checkpoints", partial), "wb") as f:
+            f.write(b"\x00half written")
+    os.makedirs(os.path.join(model_dir, "checkpoints", f"ckpt-{latest + 5}_temp"))
+    result = launch(*resumable(data_dir, model_dir, epochs=3))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"ckpt-{latest} (step {latest}, epoch 3)" in result.stderr
+    assert read(model_dir, "results.json")["epochs_completed"] == 3
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    data_dir, pretrained_run, tmp_path
+):
+    model_dir = str(tmp_path / "diverged")
+    # Every conv trains with BatchNorm frozen (a fixed affine map: no renormalisation to hide behind) and
+    # an absurd learning rate after a warm-up step at 0: the second step's update explodes the weights.
+    args = resumable(data_dir, model_dir, mode="finetune", unfreeze=6, weights=pretrained_run,
+                     optimizer="sgd", learning_rate=1e30, warmup_steps=10, checkpoint_every=1,
+                     dropout=0.0, augment="none")
+    result = launch(*args)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == EXIT_DIVERGED, result.stderr[-3000:]
+    match = re.fullmatch(r"error: training diverged: not finite from step (\d+) to (\d+); last good "
+                         r"checkpoint: (\S+) \(lower --learning_rate, or check the data\)", errors[0])
+    assert match and len(errors) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    first_bad, last_good = int(match.group(1)), match.group(3)
+    assert last_good.endswith(f"ckpt-{max(_checkpoint_steps(model_dir))}")
+    assert 0 < max(_checkpoint_steps(model_dir)) < first_bad
+    reader = tf.train.load_checkpoint(last_good)
+    values = [reader.get_tensor(name) for name in reader.get_variable_to_shape_map() if name.startswith("model")]
+    assert values and all(np.all(np.isfinite(v)) for v in values if np.issubdtype(v.dtype, np.floating))
+    assert not os.path.exists(os.path.join(model_dir, "results.json"))
+
+
+def test_the_same_seed_gives_identical_results(tiny, tmp_path):
+    config = tiny(steps_per_epoch=6, epochs=2, dropout=0.3, augment="flip_crop")
+    first = train_run(config, tmp_path / "first")
+    second = train_run(config, tmp_path / "second")
+    assert without_timing(first) == without_timing(second)
+    for a, b in zip(weights(tmp_path / "first"), weights(tmp_path / "second")):
+        np.testing.assert_array_equal(a, b)

@@ -19,7 +19,7 @@ BN_POLICIES = ("frozen", "train")
 AUGMENTATIONS = ("none", "flip", "flip_crop")
 OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
-STRATEGIES = ("auto", "mirrored", "one_device")
+STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_CHOICES = ("auto", "true", "false")
 
@@ -135,8 +135,12 @@ class Config:
     seed: int = _option(42, "Seed for initialisation, shuffling and dropout.")
     # Devices.
     strategy: str = _option(
-        "auto", "auto: MirroredStrategy over all GPUs, else one device.", choices=STRATEGIES
+        "auto",
+        "auto: MirroredStrategy over all GPUs, else one device; multi_worker: "
+        "MultiWorkerMirroredStrategy from TF_CONFIG; tpu: TPUStrategy.",
+        choices=STRATEGIES,
     )
+    tpu: str = _option("", "--strategy=tpu: the TPU's name or grpc:// address ('' : TPU_NAME or local).")
     cpu_replicas: int = _option(
         1, "Split the host CPU into N logical devices and mirror over them (tests multi-replica)."
     )
@@ -145,6 +149,9 @@ class Config:
         choices=PRECISIONS,
     )
     jit_compile: str = _option("auto", "XLA for the per-replica step; auto: on GPU only.", choices=JIT_CHOICES)
+    checkpoint_every: int = _option(
+        0, "Also checkpoint every this many steps within epochs (0: at epoch ends only)."
+    )
     keep_checkpoints: int = _option(3, "How many checkpoints to keep.")
 
     def to_flagfile(self):
@@ -267,10 +274,12 @@ def validate(config):
         raise ConfigError("train_split", "", "must name a split")
     if not config.model_dir:
         raise ConfigError("model_dir", "", f"--job={config.job} needs a run directory")
-    if config.strategy == "one_device" and config.cpu_replicas > 1:
+    if config.strategy in ("one_device", "multi_worker", "tpu") and config.cpu_replicas > 1:
         raise ConfigError(
-            "cpu_replicas", config.cpu_replicas, "needs --strategy=mirrored or auto, not one_device"
+            "cpu_replicas", config.cpu_replicas, f"needs --strategy=mirrored or auto, not {config.strategy}"
         )
+    if config.checkpoint_every < 0:
+        raise ConfigError("checkpoint_every", config.checkpoint_every, "must not be negative")
     if config.jit_compile == "true" and config.cpu_replicas > 1:
         raise ConfigError(
             "jit_compile", "true",

@@ -6,22 +6,35 @@ made MobileNetV2 training 12x slower on a 2-core CPU, bfloat16 about 1.5x slower
 """
 
 import dataclasses
+import json
+import os
 
 from absl import logging
 import keras
 import tensorflow as tf
 
-from engine.config import ConfigError
+from engine.config import ConfigError, first_line
+
+
+API_NAMES = {
+    "mirrored": "MirroredStrategy",
+    "one_device": "OneDeviceStrategy",
+    "multi_worker": "MultiWorkerMirroredStrategy",
+    "tpu": "TPUStrategy",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Devices:
     strategy: tf.distribute.Strategy
+    strategy_name: str  # tf.distribute's public name for it.
     kind: str  # "GPU" or "CPU"
     precision: str
     jit_compile: bool
     num_workers: int = 1
-    worker_index: int = 0
+    worker_index: int = 0  # Position in the cluster, chief first: this worker's input shard.
+    is_chief: bool = True  # The one worker that writes the run directory.
+    cluster_resolver: object = None  # Multi-worker and TPU strategies only.
 
     @property
     def num_replicas(self):
@@ -55,8 +68,36 @@ def _gpu_supports_float16(gpus):
     return True
 
 
+def _cluster(config):
+    """(strategy, resolver, workers, index, is_chief) for --strategy=multi_worker or tpu."""
+    if config.strategy == "tpu":
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu or None)
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, tf.errors.OpError) as error:
+            raise ConfigError("strategy", "tpu", f"no TPU found ({first_line(error)})") from None
+        return tf.distribute.TPUStrategy(resolver), resolver, 1, 0, True
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    spec = resolver.cluster_spec().as_dict()
+    if not spec:
+        raise ConfigError(
+            "strategy", "multi_worker", "needs TF_CONFIG describing the cluster and this task (see README)"
+        )
+    chiefs, workers = len(spec.get("chief", [])), len(spec.get("worker", []))
+    task_type, task_id = resolver.task_type, resolver.task_id
+    index = 0 if task_type == "chief" else chiefs + task_id
+    is_chief = task_type == "chief" or (not chiefs and task_id == 0)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    return strategy, resolver, chiefs + workers, index, is_chief
+
+
 def configure(config):
     """Creates the strategy and sets the global Keras precision policy; logs every decision."""
+    try:  # Every tf.distribute strategy reads it, not only multi_worker.
+        json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except json.JSONDecodeError as error:
+        raise ConfigError("strategy", config.strategy, f"TF_CONFIG is not JSON ({error})") from None
     if config.cpu_replicas > 1:
         split_cpu(config.cpu_replicas)
     gpus = tf.config.list_physical_devices("GPU")
@@ -66,10 +107,14 @@ def configure(config):
     else:
         devices = [f"/cpu:{index}" for index in range(config.cpu_replicas)]
 
+    resolver, num_workers, worker_index, is_chief = None, 1, 0, True
     strategy_name = config.strategy
     if strategy_name == "auto":
         strategy_name = "mirrored" if len(devices) > 1 else "one_device"
-    if strategy_name == "mirrored":
+    if strategy_name in ("multi_worker", "tpu"):
+        strategy, resolver, num_workers, worker_index, is_chief = _cluster(config)
+        kind = "TPU" if strategy_name == "tpu" else kind
+    elif strategy_name == "mirrored":
         # Logical CPU devices share one host: reduce on it. (Collective ops would also work, but their
         # instance keys clash when one process creates several strategies, as the tests do.)
         cross_device_ops = tf.distribute.ReductionToOneDevice() if kind == "CPU" else None
@@ -80,6 +125,7 @@ def configure(config):
     precision = config.precision
     if precision == "auto":
         precision = "mixed_float16" if kind == "GPU" and _gpu_supports_float16(gpus) else "float32"
+        precision = "mixed_bfloat16" if kind == "TPU" else precision
     keras.mixed_precision.set_global_policy(precision)
 
     jit_compile = {"auto": kind == "GPU", "true": True, "false": False}[config.jit_compile]
@@ -91,8 +137,21 @@ def configure(config):
             f"must be divisible by the {strategy.num_replicas_in_sync} replicas",
         )
     logging.info(
-        "Devices: %s x %d (%s), strategy %s, precision %s, XLA %s%s",
-        kind, len(devices), ", ".join(devices), type(strategy).__name__, precision,
+        "Devices: %s x %d (%s), strategy %s%s, precision %s, XLA %s%s",
+        kind, strategy.num_replicas_in_sync // num_workers, ", ".join(devices), API_NAMES[strategy_name],
+        f", worker {worker_index} of {num_workers}" if num_workers > 1 else "", precision,
         "on" if jit_compile else "off", ", deterministic ops" if config.deterministic else "",
     )
-    return Devices(strategy=strategy, kind=kind, precision=precision, jit_compile=jit_compile)
+    return Devices(
+        strategy=strategy, strategy_name=API_NAMES[strategy_name], kind=kind, precision=precision, jit_compile=jit_compile,
+        num_workers=num_workers, worker_index=worker_index, is_chief=is_chief, cluster_resolver=resolver,
+    )
+
+
+def agree_on_minimum(devices, value):
+    """The smallest of every worker's `value` (an int), so that all workers run the same steps."""
+    if devices.num_workers == 1:
+        return value
+    strategy = devices.strategy
+    local = strategy.run(lambda: tf.constant([value], tf.int64))
+    return int(tf.reduce_min(strategy.gather(local, axis=0)))

@@ -95,38 +95,71 @@ def wrong_architecture(tmp_path_factory):
     return path
 
 
+# The bad-input catalogue: every entry is one line naming the flag (or file) and the value, exit 2,
+# no traceback, and the earlier run in --model_dir untouched. ({wrong}: weights of another architecture;
+# {file}: a regular file; {flagfile}: a flagfile with a stray line; {run}: the earlier run.)
 BAD_INPUT = [
     (["--backbone=vgg99"], "--backbone=vgg99: must be one of"),
     (["--dataset=no_such_data"], "--dataset=no_such_data: is not a TFDS dataset"),
     (["--mode=bogus"], "--mode=bogus: must be one of scratch, frozen, finetune"),
-    (["--train_split=train[:0]"], "--train_split=train[:0]: selects no examples"),
-    (["--cpu_replicas=2", "--batch_size=9"], "--batch_size=9: must be divisible by the 2 replicas"),
-    (["--flagfile=/no/such.flags"], "--flagfile: Unable to open flagfile"),
-    (["--mode=frozen", "--weights=/no/such.weights.h5"], "--weights=/no/such.weights.h5: no such file"),
-    (["--mode=frozen", "--weights={wrong}"], "--weights={wrong}: does not fit this backbone"),
-    (["--backbone=mobilenet_v2", "--alpha=0.35"], "--model_dir={run}: holds a run with --backbone=small_cnn"),
+    (["--optimizer=lion"], "--optimizer=lion: must be one of adam, sgd, rmsprop, adamw"),
+    (["--precision=fp8"], "--precision=fp8: must be one of auto, float32, mixed_float16, mixed_bfloat16"),
+    (["--strategy=parameter_server"], "--strategy=parameter_server: must be one of"),
+    (["--batch_size=0"], "--batch_size=0: must be positive"),
+    (["--epochs=0"], "--epochs=0: must be positive"),
+    (["--learning_rate=-0.1"], "--learning_rate=-0.1: must be positive"),
+    (["--image_size=0"], "--image_size=0: must be positive"),
     (["--batch_size=abc"], "flag --batch_size=abc: invalid literal"),
+    (["--cpu_replicas=2", "--batch_size=9"], "--batch_size=9: must be divisible by the 2 replicas"),
+    (["--mode=finetune", "--unfreeze=99"], "--unfreeze=99: the backbone has only 6 layers with weights"),
     (["--mode=finetune", "--unfreeze_from=nope"], "--unfreeze_from=nope: no such backbone layer"),
     (["--mode=finetune", "--trainable_regex=["], "--trainable_regex=[: not a regular expression"),
     (["--head_epochs=1"], "--head_epochs=1: stages a --mode=finetune run only"),
+    (["--label_subset=6,0,2", "--eval_split=test[:12]"], "--label_subset=6,0,2: label 6 does not occur in --eval_split=test[:12]"),
+    (["--train_split=train[:0]"], "--train_split=train[:0]: selects no examples"),
+    (["--test_split=validation"], "--test_split=validation: not a split of fashion_mnist"),
+    (["--flagfile=/no/such.flags"], "--flagfile: Unable to open flagfile"),
+    (["--flagfile={flagfile}"], "unexpected argument 'batch_size 8'"),
+    (["--mode=frozen", "--weights=/no/such.weights.h5"], "--weights=/no/such.weights.h5: no such file"),
+    (["--mode=frozen", "--weights={wrong}"], "--weights={wrong}: does not fit this backbone"),
+    (["--model_dir={file}/run"], "--model_dir={file}/run: is not writable (Not a directory)"),
+    (["--backbone=mobilenet_v2", "--alpha=0.35"], "--model_dir={run}: holds a run with --backbone=small_cnn"),
+    (["--learning_rate=0.01"], "--model_dir={run}: holds a run with --learning_rate=0.001, not 0.01"),
+    (["--strategy=multi_worker"], "--strategy=multi_worker: needs TF_CONFIG"),
+    (["--strategy=tpu"], "--strategy=tpu: no TPU found"),
 ]
+
+
+@pytest.fixture(scope="module")
+def stray_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stray")
+    (folder / "plain_file").write_text("not a directory")
+    (folder / "stray.flags").write_text("--epochs=1\nbatch_size 8\n")
+    return {"file": str(folder / "plain_file"), "flagfile": str(folder / "stray.flags")}
 
 
 @pytest.mark.parametrize("bad, message", BAD_INPUT, ids=[" ".join(bad) for bad, _ in BAD_INPUT])
 def test_bad_input_is_one_line_exit_2_and_leaves_the_earlier_run_alone(
-    data_dir, earlier_run, wrong_architecture, bad, message
+    data_dir, earlier_run, wrong_architecture, stray_files, bad, message
 ):
     before = digest_tree(earlier_run)
     config = tiny_config(data_dir=data_dir, model_dir=earlier_run, train_split="train[:3%]")
-    args = [flag.format(wrong=wrong_architecture) for flag in bad]
-    result = launch(*tiny_flags(config), *args)
+    names = dict(stray_files, wrong=wrong_architecture, run=earlier_run)
+    result = launch(*tiny_flags(config), *[flag.format(**names) for flag in bad], env={"TF_CONFIG": None})
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2, result.stderr[-2000:]
-    assert errors == [errors[0]] and errors[0].startswith(
-        "error: " + message.format(wrong=wrong_architecture, run=earlier_run)
-    ), result.stderr[-2000:]
+    assert errors == [errors[0]] and errors[0].startswith("error: " + message.format(**names)), (
+        result.stderr[-2000:]
+    )
     assert "Traceback" not in result.stderr
     assert digest_tree(earlier_run) == before, "a refused command changed the earlier run's files"
+
+
+def test_a_malformed_tf_config_is_one_line(data_dir, tmp_path):
+    config = tiny_config(data_dir=data_dir, model_dir=str(tmp_path / "run"))
+    result = launch(*tiny_flags(config), env={"TF_CONFIG": "{not json"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: --strategy=auto: TF_CONFIG is not JSON (Expecting property name" in result.stderr
 
 
 def test_the_offline_data_needs_no_network_and_small_runs_resume(data_dir, tmp_path):

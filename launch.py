@@ -5,8 +5,9 @@
 Parses flags into one validated Config, runs the job, and turns bad input into one line on stderr
 (naming the flag and the value) with exit status 2 and no traceback.
 
-Exit status: 0 done; 2 bad input; 3 training diverged (non-finite loss; the last good checkpoint is
-kept); 75 preempted by SIGTERM (a checkpoint was saved: rerun the same command to resume).
+Exit status: 0 done; 1 --job=compare finished but some mode failed (compare.md says why); 2 bad
+input; 3 training diverged (non-finite loss; the last good checkpoint is kept); 75 preempted by
+SIGTERM (a checkpoint was saved: rerun the same command to resume).
 """
 
 import logging as std_logging
@@ -20,7 +21,7 @@ from absl import app, flags, logging  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from engine import config as config_lib  # noqa: E402
-from engine import jobs, loop  # noqa: E402
+from engine import compare, jobs, loop  # noqa: E402
 
 config_lib.define_flags()
 flags.adopt_module_key_flags(config_lib)  # So --help lists them.
@@ -66,6 +67,9 @@ def main(argv):
     except loop.Diverged as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(loop.EXIT_DIVERGED)
+    except compare.ModesFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

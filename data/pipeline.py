@@ -42,7 +42,7 @@ class Examples:
     """A split's examples on this worker: decoded, resized and cached, and how many there are."""
 
     split: object  # data.sources.Split
-    dataset: tf.data.Dataset  # (uint8 image [size, size, channels], label)
+    dataset: tf.data.Dataset  # (uint8 image [size, size, channels] or its features, label)
     count: int  # Examples that decoded.
     skipped: int  # Examples of the shard that did not decode.
 
@@ -146,8 +146,8 @@ def eval_dataset(examples, *, batch_size, steps, local_replicas=1, deterministic
     """Per-replica batches of (images, labels, weights): every example once, then weight-0 padding up
     to `steps` full global steps, so no replica ever gets a partial or empty batch (static shapes for
     XLA) and every worker runs the same number of steps; weighted metrics count real examples only."""
-    shape = examples.dataset.element_spec[0].shape
-    blank = (tf.zeros(shape, tf.uint8), tf.constant(0, tf.int64), 0.0)
+    spec = examples.dataset.element_spec[0]
+    blank = (tf.zeros(spec.shape, spec.dtype), tf.constant(0, tf.int64), 0.0)
     padding = steps * batch_size * local_replicas - examples.count
     dataset = examples.dataset.map(lambda image, label: (image, label, 1.0)).concatenate(
         tf.data.Dataset.from_tensors(blank).repeat(padding)

@@ -13,7 +13,7 @@ from absl import flags
 
 from models.backbones import BACKBONES
 
-JOBS = ("train", "evaluate", "export", "benchmark")
+JOBS = ("train", "evaluate", "export", "benchmark", "compare")
 MODES = ("scratch", "frozen", "finetune")
 BN_POLICIES = ("frozen", "train")
 AUGMENTATIONS = ("none", "flip", "flip_crop")
@@ -50,7 +50,12 @@ def _option(default, help_text, *, choices=None, kind=None):
 @dataclasses.dataclass(frozen=True)
 class Config:
     # What to run.
-    job: str = _option("train", "What to run.", choices=JOBS)
+    job: str = _option(
+        "train",
+        "What to run: train, evaluate or export a run; benchmark throughput; compare trains every mode "
+        "(scratch, frozen, finetune, and staged with --head_epochs) into model_dir/<mode>/, --mode unused.",
+        choices=JOBS,
+    )
     model_dir: str = _option(None, "Run directory: checkpoints, logs, metrics, results.", kind=str)
     # Which layers receive gradients.
     mode: str = _option(
@@ -119,6 +124,12 @@ class Config:
     )
     deterministic: bool = _option(
         False, "Reproducible runs: op determinism and in-order tf.data (slower)."
+    )
+    feature_cache: str = _option(
+        "auto",
+        "auto: in frozen mode without augmentation, run the backbone once per example and train the "
+        "head on the cached features (exact, many times faster); off: always run the backbone.",
+        choices=("auto", "off"),
     )
     # Optimisation.
     batch_size: int = _option(32, "Global batch size, split evenly across replicas.")
@@ -238,13 +249,16 @@ def validate(config):
         raise ConfigError("unfreeze", config.unfreeze, "must not be negative")
     rules = {name: getattr(config, name) for name in ("unfreeze", "unfreeze_from", "trainable_regex")
              if getattr(config, name)}
-    if config.mode == "finetune" and len(rules) != 1:
+    # --job=compare and benchmark run every mode: the flags describe finetune, the others drop its rule.
+    finetunes = config.mode == "finetune" or config.job in ("compare", "benchmark")
+    if finetunes and len(rules) != 1:
         flag, value = next(iter(rules.items())) if rules else ("unfreeze", 0)
         raise ConfigError(
             flag, value,
-            "--mode=finetune needs exactly one of --unfreeze, --unfreeze_from, --trainable_regex",
+            f"--{'mode=finetune' if config.mode == 'finetune' else 'job=' + config.job} needs exactly one of "
+            "--unfreeze, --unfreeze_from, --trainable_regex",
         )
-    if config.mode != "finetune" and rules:
+    if not finetunes and rules:
         flag, value = next(iter(rules.items()))
         raise ConfigError(flag, value, f"only --mode=finetune unfreezes layers, not --mode={config.mode}")
     if config.trainable_regex:
@@ -256,7 +270,7 @@ def validate(config):
             ) from None
     if config.head_epochs < 0:
         raise ConfigError("head_epochs", config.head_epochs, "must not be negative")
-    if config.head_epochs and config.mode != "finetune":
+    if config.head_epochs and not finetunes:
         raise ConfigError("head_epochs", config.head_epochs, "stages a --mode=finetune run only")
     if config.head_epochs and config.head_epochs >= config.epochs:
         raise ConfigError(

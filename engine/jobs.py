@@ -10,14 +10,15 @@ import time
 
 from absl import logging
 import keras
+import numpy as np
 import tensorflow as tf
 
 from data import pipeline, sources
-from engine import benchmark, distribute, loop
+from engine import benchmark, compare, distribute, feature_cache, loop
 from engine.checkpoints import Checkpoints
 from engine.config import ConfigError
 from engine.run_dir import RunDir
-from engine.trainer import Trainer, learning_rate_schedule, make_optimizer, summarize
+from engine.trainer import Trainer, learning_rate_schedule, make_optimizer, per_example_loss, summarize
 from models import trainability
 from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights
 
@@ -42,6 +43,7 @@ class Setup:
     checkpoints: Checkpoints
     trainer: Trainer = None  # The current stage's; see trainer_for.
     stage: str = None
+    step_model: keras.Model = None  # What the steps run, if not `model`: the head on cached features.
 
     @property
     def epochs_done(self):
@@ -62,7 +64,7 @@ class Setup:
             if self.stage is not None:
                 logging.info("Stage %s from epoch %d: %d variables train", stage, epoch + 1, len(variables))
             self.trainer = Trainer(
-                model=self.model, optimizer=self.optimizer, strategy=self.devices.strategy,
+                model=self.step_model or self.model, optimizer=self.optimizer, strategy=self.devices.strategy,
                 global_batch_size=config.batch_size, variables=variables,
                 jit_compile=self.devices.jit_compile,
             )
@@ -219,7 +221,25 @@ def evaluate_split(setup, examples):
     return summarize(trainer.evaluate(dataset)) if dataset else None
 
 
-def train(config):
+def class_accuracy(setup, examples):
+    """{class name: accuracy} over this worker's `examples` (None for none): where a mode wins."""
+    if examples is None:
+        return None
+
+    @tf.function(autograph=False)
+    def is_correct(images, labels):
+        return per_example_loss(labels, (setup.step_model or setup.model)(images, training=False))[1]
+
+    correct = np.zeros(setup.source.num_classes)
+    total = np.zeros(setup.source.num_classes)
+    for images, labels in examples.dataset.batch(setup.config.batch_size):
+        labels_seen = labels.numpy()
+        correct += np.bincount(labels_seen, weights=is_correct(images, labels).numpy(), minlength=len(correct))
+        total += np.bincount(labels_seen, minlength=len(total))
+    return {name: float(c / t) if t else None for name, c, t in zip(setup.source.class_names, correct, total)}
+
+
+def train(config, *, progress_label=""):
     """Trains (or resumes) a run in --model_dir and writes its results."""
     started = time.time()
     setup = build(config)
@@ -229,6 +249,12 @@ def train(config):
     run_dir.check_compatible(config)
     restored = setup.checkpoints.restore()
     run_dir.start(config)
+    extraction = None
+    why_not = feature_cache.reason_not_to_cache(config)
+    if why_not is None:
+        setup, extraction = feature_cache.use(setup, eval_dataset)
+    elif config.mode == "frozen" and config.feature_cache == "auto":
+        logging.info("Feature cache off: %s", why_not)
     if restored:
         logging.info("Resuming from %s (step %d, epoch %d)", restored, int(setup.step.numpy()),
                      setup.epochs_done + 1)
@@ -251,7 +277,7 @@ def train(config):
     before = trainability.snapshot(setup.model)
     last, throughput = loop.train_epochs(
         setup=setup, run_dir=run_dir, train_dataset=train_dataset(setup),
-        eval_dataset=eval_dataset(setup, setup.eval),
+        eval_dataset=eval_dataset(setup, setup.eval), progress_label=progress_label,
     )
     if not last:  # Nothing left to train: report the last checkpointed epoch.
         last = run_dir.last_metrics()
@@ -277,7 +303,9 @@ def train(config):
         "test_loss": test["loss"] if test else None,
         "test_accuracy": test["accuracy"] if test else None,
         "test_examples": test["examples"] if test else None,
+        "test_class_accuracy": class_accuracy(setup, setup.test),
         "images_per_sec": throughput.images_per_sec,
+        "feature_cache": extraction,
         "skipped_examples": {
             name: examples.skipped for name, examples in (("train", setup.train), ("eval", setup.eval),
                                                           ("test", setup.test)) if examples
@@ -348,4 +376,5 @@ JOBS = {
     "evaluate": evaluate,
     "export": export,
     "benchmark": benchmark.benchmark,
+    "compare": lambda config: compare.compare(config, train),
 }

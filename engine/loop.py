@@ -35,9 +35,10 @@ class Throughput:
         return self.images / self.seconds if self.seconds else None
 
 
-def train_epochs(*, setup, run_dir, train_dataset, eval_dataset):
+def train_epochs(*, setup, run_dir, train_dataset, eval_dataset, progress_label=""):
     """Trains from the checkpointed step to the end of `--epochs` on `train_dataset` (a distributed
-    stream positioned at that step); returns (the last epoch's metrics, throughput)."""
+    stream positioned at that step); returns (the last epoch's metrics, throughput). `progress_label`
+    prefixes the progress bar (--job=compare says which mode of how many)."""
     config, steps, checkpoints = setup.config, setup.steps_per_epoch, setup.checkpoints
     first_epoch, done = divmod(int(setup.step.numpy()), steps)
     iterator = iter(train_dataset)
@@ -51,7 +52,9 @@ def train_epochs(*, setup, run_dir, train_dataset, eval_dataset):
             setup.epoch_sums.assign(tf.zeros([3], tf.float64))
         epoch_throughput = Throughput()
         started = time.perf_counter()
-        bar = tqdm.tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step")
+        bar = tqdm.tqdm(
+            total=steps, initial=done, desc=f"{progress_label}epoch {epoch + 1}/{config.epochs}", unit="step"
+        )
         while done < steps:
             step = int(setup.step.numpy())
             count = min(config.steps_per_loop, steps - done)

@@ -1,6 +1,8 @@
 """engine/config.py: flags come from the Config fields, validation names the flag and the value."""
 
 import dataclasses
+import glob
+import os
 
 from absl import flags
 import pytest
@@ -8,6 +10,7 @@ import pytest
 from engine import config as config_lib
 from engine.config import Config, ConfigError, validate
 from engine.run_dir import read_flagfile_text
+from helpers import ROOT
 
 
 def parse(*argv):
@@ -79,3 +82,12 @@ def test_every_job_choice_has_a_job():
     from engine import jobs
 
     assert sorted(jobs.JOBS) == sorted(config_lib.JOBS)
+
+
+@pytest.mark.parametrize("flagfile", sorted(
+    os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "configs", "**", "*.flags"), recursive=True)
+))
+def test_every_shipped_flagfile_is_a_valid_config(flagfile, monkeypatch):
+    monkeypatch.chdir(ROOT)  # Flagfiles include each other by paths relative to the repository root.
+    config = parse(f"--flagfile={flagfile}")
+    assert config.model_dir.startswith("runs/"), config.model_dir

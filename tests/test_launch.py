@@ -115,6 +115,7 @@ BAD_INPUT = [
     (["--mode=finetune", "--unfreeze_from=nope"], "--unfreeze_from=nope: no such backbone layer"),
     (["--mode=finetune", "--trainable_regex=["], "--trainable_regex=[: not a regular expression"),
     (["--head_epochs=1"], "--head_epochs=1: stages a --mode=finetune run only"),
+    (["--job=compare"], "--unfreeze=0: --job=compare needs exactly one of --unfreeze, --unfreeze_from"),
     (["--label_subset=6,0,2", "--eval_split=test[:12]"], "--label_subset=6,0,2: label 6 does not occur in --eval_split=test[:12]"),
     (["--train_split=train[:0]"], "--train_split=train[:0]: selects no examples"),
     (["--test_split=validation"], "--test_split=validation: not a split of fashion_mnist"),
@@ -153,6 +154,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_earlier_run_alone(
     )
     assert "Traceback" not in result.stderr
     assert digest_tree(earlier_run) == before, "a refused command changed the earlier run's files"
+    print(f"\n{' '.join(bad)} -> {errors[0]}")  # The catalogue as a user sees it: pytest -s.
 
 
 def test_a_malformed_tf_config_is_one_line(data_dir, tmp_path):

@@ -14,7 +14,7 @@ import tensorflow as tf
 from engine import jobs
 from engine.config import ConfigError
 from engine.trainer import make_optimizer
-from helpers import load_weights_file, replace, train_run
+from helpers import load_weights_file, train_run
 from models import trainability
 from models.classifier import BACKBONE_LAYER, build_classifier
 from models.trainability import Rule

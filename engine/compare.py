@@ -1,0 +1,178 @@
+"""`--job=compare`: the tutorials' experiment in one command.
+
+The same task trained from scratch, with the pretrained backbone frozen, and fine-tuned (and staged,
+head first, when --head_epochs is set), with otherwise identical flags, each in `model_dir/<mode>/` so
+TensorBoard shows them side by side (`tensorboard --logdir model_dir`). Then `compare.md` (the table)
+and `compare.png` (validation curves). A mode that fails is reported in the table; the others still run.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+from absl import logging
+import keras
+
+from engine import config as config_lib
+from engine.config import first_line
+from engine.run_dir import RunDir, write_atomic
+
+NO_RULE = {"unfreeze": 0, "unfreeze_from": "", "trainable_regex": ""}
+
+
+class ModesFailed(RuntimeError):
+    """Some modes failed; compare.md says which and why."""
+
+
+def variants(config):
+    """{name: the train config of that mode}, validated before any of them runs."""
+    common = {"job": "train", "head_epochs": 0}
+    changes = {
+        # A discriminative rate slows a *pretrained* backbone; a random one needs the full rate.
+        "scratch": dict(mode="scratch", backbone_lr_mult=1.0, **NO_RULE),
+        "frozen": dict(mode="frozen", **NO_RULE),
+        "finetune": dict(mode="finetune"),
+    }
+    if config.head_epochs:
+        changes["staged"] = dict(mode="finetune", head_epochs=config.head_epochs)
+    return {
+        name: config_lib.validate(dataclasses.replace(
+            config, **{**common, **change, "model_dir": os.path.join(config.model_dir, name)}
+        ))
+        for name, change in changes.items()
+    }
+
+
+def compare(config, train):
+    """Runs `train` (jobs.train) for every mode, then writes the table and the plot."""
+    runs = variants(config)
+    for name, run in runs.items():
+        RunDir(run.model_dir).check_compatible(run)  # Refuse a mixed-up model_dir before hours of work.
+    rows = {}
+    for index, (name, run) in enumerate(runs.items(), 1):
+        label = f"[{index}/{len(runs)} {name}] "
+        logging.info("Compare: mode %d of %d: %s -> %s", index, len(runs), name, run.model_dir)
+        started = time.time()
+        try:
+            rows[name] = {"status": "done", **train(run, progress_label=label)}
+        except Exception as error:  # Bad input, divergence, out of memory...: reported, the rest go on.
+            logging.error("Compare: %s failed: %s", name, first_line(error))
+            rows[name] = {"status": f"failed: {first_line(error)}", "wall_seconds": time.time() - started}
+        rows[name]["curves"] = _curves(run.model_dir)
+        keras.backend.clear_session()  # Frees this mode's model before the next one is built.
+    report = {"job": "compare", "modes": rows, "config": _describe(config)}
+    os.makedirs(config.model_dir, exist_ok=True)
+    write_atomic(os.path.join(config.model_dir, "compare.md"), markdown(report))
+    plot(report, os.path.join(config.model_dir, "compare.png"))
+    RunDir(config.model_dir).write_json("compare.json", report)
+    print(markdown(report))
+    failed = [name for name, row in rows.items() if row["status"] != "done"]
+    if failed:
+        raise ModesFailed(
+            f"compare: {', '.join(failed)} failed; the table is in {config.model_dir}/compare.md"
+        )
+    return report
+
+
+def _curves(model_dir):
+    """Per-epoch metrics of a mode's run (what metrics.jsonl holds, even of a failed run)."""
+    path = os.path.join(model_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _describe(config):
+    return {
+        "backbone": config.backbone, "alpha": config.alpha, "image_size": config.image_size,
+        "weights": config.weights, "dataset": config.dataset, "label_subset": list(config.label_subset),
+        "train_split": config.train_split, "eval_split": config.eval_split, "test_split": config.test_split,
+        "epochs": config.epochs, "head_epochs": config.head_epochs, "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate, "backbone_lr_mult": config.backbone_lr_mult,
+        "unfreeze": config.unfreeze or config.unfreeze_from or config.trainable_regex,
+    }
+
+
+def _number(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(report):
+    """The comparison table, with what was compared above it."""
+    described = report["config"]
+    done = {name: row for name, row in report["modes"].items() if row["status"] == "done"}
+    classes = next((row["class_names"] for row in done.values()), None)
+    lines = [
+        f"# {described['backbone']} on {described['dataset']}"
+        + (f" ({', '.join(classes)})" if classes else ""),
+        "",
+        f"Weights `{described['weights']}`, {described['epochs']} epochs, batch {described['batch_size']}, "
+        f"learning rate {described['learning_rate']:g}, train `{described['train_split']}`, "
+        f"validation `{described['eval_split']}`, test `{described['test_split']}`; finetune unfreezes "
+        f"`{described['unfreeze']}`.",
+        "",
+        "| mode | status | train loss | train acc | val loss | val acc | test loss | test acc "
+        "| trainable params | frozen params | images/sec | wall time |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, row in report["modes"].items():
+        lines.append("| " + " | ".join([
+            name, row["status"],
+            _number(row.get("train_loss"), ".4f"), _number(row.get("train_accuracy"), ".4f"),
+            _number(row.get("eval_loss"), ".4f"), _number(row.get("eval_accuracy"), ".4f"),
+            _number(row.get("test_loss"), ".4f"), _number(row.get("test_accuracy"), ".4f"),
+            _number(row.get("trainable_params"), ","), _number(row.get("non_trainable_params"), ","),
+            _number(row.get("images_per_sec"), ",.0f"), f"{row['wall_seconds']:.0f} s",
+        ]) + " |")
+    per_class = {name: row["test_class_accuracy"] for name, row in done.items() if row.get("test_class_accuracy")}
+    if per_class:
+        lines += ["", "Test accuracy per class:", "",
+                  "| mode | " + " | ".join(classes) + " |", "| --- |" + " ---: |" * len(classes)]
+        lines += [f"| {name} | " + " | ".join(f"{accuracy[c]:.4f}" for c in classes) + " |"
+                  for name, accuracy in per_class.items()]
+    scratch = done.get("scratch", {}).get("test_accuracy")
+    if scratch is not None:
+        gains = [f"{name} {row['test_accuracy'] - scratch:+.4f}" for name, row in done.items()
+                 if name != "scratch" and row.get("test_accuracy") is not None]
+        if gains:
+            lines += ["", "Test accuracy against scratch: " + ", ".join(gains) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report, path):
+    """Validation accuracy and loss per epoch, one line per mode (matplotlib, no display needed).
+    Returns the legend's labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, (accuracy_axes, loss_axes) = pyplot.subplots(1, 2, figsize=(11, 4.2))
+    described = report["config"]
+    figure.suptitle(f"{described['backbone']} on {described['dataset']}: validation per epoch, by mode")
+    for name, row in report["modes"].items():
+        curve = [point for point in row["curves"] if point.get("eval_loss") is not None]
+        label = name if row["status"] == "done" else f"{name} (failed)"
+        if not curve:
+            accuracy_axes.plot([], [], label=label)  # Still in the legend, so a failure is visible.
+            continue
+        epochs = [point["epoch"] for point in curve]
+        accuracy_axes.plot(epochs, [point["eval_accuracy"] for point in curve], marker="o", ms=3, label=label)
+        loss_axes.plot(epochs, [point["eval_loss"] for point in curve], marker="o", ms=3, label=label)
+    if described["head_epochs"]:
+        for axes in (accuracy_axes, loss_axes):
+            axes.axvline(described["head_epochs"] + 0.5, color="gray", ls=":", lw=1)
+            axes.text(described["head_epochs"] + 0.6, 0.02, "staged: unfreeze", color="gray",
+                      transform=axes.get_xaxis_transform())
+    for axes, what in ((accuracy_axes, "validation accuracy"), (loss_axes, "validation loss")):
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(what)
+        axes.set_title(what)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+    return [text.get_text() for text in accuracy_axes.get_legend().get_texts()]

@@ -1,0 +1,86 @@
+"""engine/compare.py: --job=compare trains every mode in its own directory and reports them side by
+side (table and plot); a mode that fails is reported and the others still run."""
+
+import json
+
+import pytest
+
+from engine import compare, jobs
+from engine.config import Config, ConfigError, validate
+from helpers import launch, tiny_flags
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MODES = ["scratch", "frozen", "finetune", "staged"]
+
+
+def _row(table, mode):
+    return next(line for line in table.splitlines() if line.startswith(f"| {mode} | "))
+
+
+def test_compare_trains_every_mode_in_its_own_dir_and_tabulates_them(tiny, pretrained_run, tmp_path):
+    config = tiny(job="compare", weights=pretrained_run, unfreeze=2, head_epochs=1, epochs=2,
+                  backbone_lr_mult=0.5, model_dir=str(tmp_path))
+    report = compare.compare(config, jobs.train)
+
+    assert list(report["modes"]) == MODES
+    table = (tmp_path / "compare.md").read_text()
+    results = {mode: json.loads((tmp_path / mode / "results.json").read_text()) for mode in MODES}
+    for mode in MODES:
+        row = _row(table, mode)
+        assert row.startswith(f"| {mode} | done | "), row
+        assert f" {results[mode]['test_accuracy']:.4f} " in row, (mode, row)
+        assert f" {results[mode]['trainable_params']:,} " in row, (mode, row)
+        assert [point["epoch"] for point in report["modes"][mode]["curves"]] == [1, 2], mode
+        assert results[mode]["trainability_audit"]["frozen_changed"] == 0, mode
+    # Each mode really is that mode, with the rest of the flags unchanged.
+    assert [results[mode]["mode"] for mode in MODES] == ["scratch", "frozen", "finetune", "finetune"]
+    flags = {mode: (tmp_path / mode / "flags.txt").read_text() for mode in MODES}
+    assert "--head_epochs=1" in flags["staged"] and "--head_epochs=0" in flags["finetune"]
+    assert "--backbone_lr_mult=1.0" in flags["scratch"] and "--backbone_lr_mult=0.5" in flags["finetune"]
+    assert all(f"--seed={config.seed}" in text for text in flags.values())
+    trainable = {mode: results[mode]["trainable_params"] for mode in MODES}
+    assert trainable["frozen"] < trainable["finetune"] == trainable["staged"] < trainable["scratch"]
+    # Per-class test accuracy, for the three classes of the task.
+    assert "| mode | Shirt | T-shirt/top | Pullover |" in table
+    assert "Test accuracy against scratch: frozen " in table
+    assert (tmp_path / "compare.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_the_plot_has_a_line_per_mode_and_says_which_failed(tmp_path):
+    curve = [{"epoch": 1, "eval_loss": 1.0, "eval_accuracy": 0.5},
+             {"epoch": 2, "eval_loss": 0.8, "eval_accuracy": 0.6}]
+    report = {
+        "config": {"backbone": "small_cnn", "dataset": "fashion_mnist", "head_epochs": 1},
+        "modes": {"scratch": {"status": "done", "curves": curve},
+                  "frozen": {"status": "failed: --weights=x: no", "curves": []},
+                  "staged": {"status": "done", "curves": curve}},
+    }
+    labels = compare.plot(report, tmp_path / "plot.png")
+    assert labels == ["scratch", "frozen (failed)", "staged"]
+    assert (tmp_path / "plot.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_a_failing_mode_is_reported_and_the_others_still_run(tiny, tmp_path):
+    broken = tmp_path / "broken.weights.h5"
+    broken.write_bytes(b"not an HDF5 file")
+    config = tiny(job="compare", weights=str(broken), unfreeze=2, model_dir=str(tmp_path / "compare"))
+    result = launch(*tiny_flags(config))
+
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: compare: frozen, finetune failed; the table is in {tmp_path}/compare/compare.md"
+    )
+    assert "Traceback" not in result.stderr
+    assert "Compare: mode 2 of 3: frozen" in result.stderr  # Progress says which mode of how many.
+    assert "[1/3 scratch] epoch 1/1" in result.stderr
+    table = (tmp_path / "compare" / "compare.md").read_text()
+    assert _row(table, "scratch").startswith("| scratch | done | ")
+    for mode in ("frozen", "finetune"):
+        assert _row(table, mode).startswith(f"| {mode} | failed: --weights={broken}: "), _row(table, mode)
+    assert (tmp_path / "compare" / "scratch" / "results.json").exists()
+    assert (tmp_path / "compare" / "compare.png").exists()
+
+
+def test_compare_needs_a_finetune_rule():
+    with pytest.raises(ConfigError, match="--job=compare needs exactly one of --unfreeze"):
+        validate(Config(job="compare", model_dir="unused", weights="none"))

@@ -14,6 +14,7 @@ import time
 from absl import logging
 import keras
 
+from data import sources
 from engine import config as config_lib
 from engine.config import first_line
 from engine.run_dir import RunDir, write_atomic
@@ -49,6 +50,11 @@ def compare(config, train):
     runs = variants(config)
     for name, run in runs.items():
         RunDir(run.model_dir).check_compatible(run)  # Refuse a mixed-up model_dir before hours of work.
+    # Bad data flags would fail every mode alike: they fail once, as one line, before any mode runs.
+    source = sources.open_source(config)
+    for name in ("train", "eval", "test"):
+        if getattr(config, f"{name}_split"):
+            source.split(getattr(config, f"{name}_split"), f"{name}_split")
     rows = {}
     for index, (name, run) in enumerate(runs.items(), 1):
         label = f"[{index}/{len(runs)} {name}] "

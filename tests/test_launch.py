@@ -116,6 +116,7 @@ BAD_INPUT = [
     (["--mode=finetune", "--trainable_regex=["], "--trainable_regex=[: not a regular expression"),
     (["--head_epochs=1"], "--head_epochs=1: stages a --mode=finetune run only"),
     (["--job=compare"], "--unfreeze=0: --job=compare needs exactly one of --unfreeze, --unfreeze_from"),
+    (["--job=compare", "--unfreeze=2", "--test_split=validation"], "--test_split=validation: not a split of"),
     (["--label_subset=6,0,2", "--eval_split=test[:12]"], "--label_subset=6,0,2: label 6 does not occur in --eval_split=test[:12]"),
     (["--train_split=train[:0]"], "--train_split=train[:0]: selects no examples"),
     (["--test_split=validation"], "--test_split=validation: not a split of fashion_mnist"),

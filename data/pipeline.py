@@ -24,6 +24,7 @@ import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
 SHUFFLE_BUFFER = 10_000
+SHUFFLE_GRAPH_SEED = 1  # See train_dataset.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,10 @@ def train_dataset(examples, *, batch_size, batches_per_epoch, seed, epochs, firs
     the run, so no background thread outlives it."""
 
     def epoch(index):
+        # A shuffle's seed pair is (graph seed, op seed). Fixing this function graph's own seed makes the
+        # order depend on `seed` alone, not on the process's global seed, and keeps a global seed of 0
+        # (--seed=0) from reaching TensorFlow's check for the (0, 0) pair, which fails on a tensor seed.
+        tf.random.set_seed(SHUFFLE_GRAPH_SEED)
         epoch_seed = seed * 1_000_003 + index
         shuffled = examples.dataset.shuffle(shuffle_buffer or examples.count, seed=epoch_seed)
         if augmentation != "none":

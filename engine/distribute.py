@@ -2,7 +2,8 @@
 
 `auto` picks what was measured fastest on each kind of device: on GPUs, MirroredStrategy, mixed
 float16 (compute capability >= 7.0) and XLA on the per-replica step; on CPU, float32 without XLA (XLA
-made MobileNetV2 training 12x slower on a 2-core CPU, bfloat16 about 1.5x slower).
+made MobileNetV2 training 12x slower on a 2-core CPU, bfloat16 about 1.5x slower) and frozen weights
+as graph constants (engine/compiled_forward.py: the frozen backbone ran 1.5-1.7x faster).
 """
 
 import dataclasses
@@ -31,6 +32,7 @@ class Devices:
     kind: str  # "GPU" or "CPU"
     precision: str
     jit_compile: bool
+    frozen_as_constants: bool = False  # See engine/compiled_forward.py.
     num_workers: int = 1
     worker_index: int = 0  # Position in the cluster, chief first: this worker's input shard.
     is_chief: bool = True  # The one worker that writes the run directory.
@@ -137,13 +139,15 @@ def configure(config):
             f"must be divisible by the {strategy.num_replicas_in_sync} replicas",
         )
     logging.info(
-        "Devices: %s x %d (%s), strategy %s%s, precision %s, XLA %s%s",
+        "Devices: %s x %d (%s), strategy %s%s, precision %s, XLA %s%s%s",
         kind, strategy.num_replicas_in_sync // num_workers, ", ".join(devices), API_NAMES[strategy_name],
         f", worker {worker_index} of {num_workers}" if num_workers > 1 else "", precision,
-        "on" if jit_compile else "off", ", deterministic ops" if config.deterministic else "",
+        "on" if jit_compile else "off", ", frozen weights as constants" if kind == "CPU" else "",
+        ", deterministic ops" if config.deterministic else "",
     )
     return Devices(
         strategy=strategy, strategy_name=API_NAMES[strategy_name], kind=kind, precision=precision, jit_compile=jit_compile,
+        frozen_as_constants=kind == "CPU",
         num_workers=num_workers, worker_index=worker_index, is_chief=is_chief, cluster_resolver=resolver,
     )
 

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from engine.compiled_forward import CompiledForward
 
 FEATURES_LAYER = "pool"  # The classifier's pooled backbone output: what the head reads.
 HEAD_LAYERS = ("dropout", "logits")
@@ -50,9 +51,12 @@ def extract(setup, examples, eval_dataset):
     weight-0 padding, so every replica and worker runs the same steps; the padding is dropped."""
     strategy = setup.devices.strategy
     extractor = keras.Model(setup.model.input, setup.model.get_layer(FEATURES_LAYER).output)
+    forward_pass = CompiledForward(
+        extractor, frozen=extractor.weights, constants=setup.devices.frozen_as_constants
+    )
 
     def replica_step(images, labels, weights):
-        return extractor(images, training=False), labels, weights
+        return forward_pass(images, training=False), labels, weights
 
     @tf.function
     def run(dataset):  # One graph over the whole dataset.
@@ -73,7 +77,7 @@ def extract(setup, examples, eval_dataset):
     if strategy.num_replicas_in_sync == 1:  # No distribution to do: a plain dataset and function.
         spec = examples.dataset.element_spec[0]
         forward = tf.function(  # One trace for every batch size, the last partial batch included.
-            lambda images: extractor(images, training=False),
+            lambda images: forward_pass(images, training=False),
             input_signature=[tf.TensorSpec([None, *spec.shape], spec.dtype)],
         )
         # Inference keeps no activations for a backward pass, so 4x the training batch fits where

@@ -66,7 +66,7 @@ class Setup:
             self.trainer = Trainer(
                 model=self.step_model or self.model, optimizer=self.optimizer, strategy=self.devices.strategy,
                 global_batch_size=config.batch_size, variables=variables,
-                jit_compile=self.devices.jit_compile,
+                jit_compile=self.devices.jit_compile, frozen_as_constants=self.devices.frozen_as_constants,
             )
             self.stage = stage
         return self.trainer

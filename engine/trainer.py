@@ -14,6 +14,9 @@ import functools
 import keras
 import tensorflow as tf
 
+from engine.compiled_forward import CompiledForward, fused_batch_norm
+from models import trainability
+
 _SUM = tf.distribute.ReduceOp.SUM
 
 
@@ -102,14 +105,20 @@ class Trainer:
 
     Gradients are taken for `variables` only (models/trainability.py decides them), so frozen variables
     never reach the optimizer. A new set of variables (a new stage) is a new Trainer: one trace each.
+    The steps call the model through engine/compiled_forward.py (fused BatchNorm; with
+    `frozen_as_constants`, the frozen weights as graph constants).
     """
 
-    def __init__(self, *, model, optimizer, strategy, global_batch_size, variables, jit_compile=False):
+    def __init__(self, *, model, optimizer, strategy, global_batch_size, variables, jit_compile=False,
+                 frozen_as_constants=False):
         self.model = model
         self.optimizer = optimizer
         self.strategy = strategy
         self.global_batch_size = global_batch_size
         self.variables = list(variables)
+        self.forward = CompiledForward(
+            model, frozen=trainability.frozen_weights(model, self.variables), constants=frozen_as_constants
+        )
         replica_step = self._replica_train_step
         if jit_compile:  # XLA on the per-replica computation only, not on the distribution.
             replica_step = tf.function(replica_step, jit_compile=True)
@@ -119,7 +128,7 @@ class Trainer:
 
     def _replica_train_step(self, images, labels):
         with tf.GradientTape() as tape:
-            logits = self.model(images, training=True)
+            logits = self.forward(images, training=True)
             loss, correct = per_example_loss(labels, logits)
             objective = tf.nn.compute_average_loss(loss, global_batch_size=self.global_batch_size)
             if self.model.losses:
@@ -132,14 +141,15 @@ class Trainer:
     def _train_steps(self, iterator, num_steps):
         """Runs `num_steps` global steps in one call (a tf.range loop); returns summed metrics."""
         totals = tf.zeros([3], tf.float64)
-        for _ in tf.range(num_steps):
-            images, labels = next(iterator)
-            per_replica = self.strategy.run(self._replica_step, args=(images, labels))
-            totals += self.strategy.reduce(_SUM, per_replica, axis=None)
+        with fused_batch_norm(self.model):
+            for _ in tf.range(num_steps):
+                images, labels = next(iterator)
+                per_replica = self.strategy.run(self._replica_step, args=(images, labels))
+                totals += self.strategy.reduce(_SUM, per_replica, axis=None)
         return totals
 
     def _replica_eval_step(self, images, labels, weights):
-        loss, correct = per_example_loss(labels, self.model(images, training=False))
+        loss, correct = per_example_loss(labels, self.forward(images, training=False))
         return _sums(loss, correct, weights)
 
     def _evaluate(self, dataset):

@@ -53,7 +53,7 @@ def apply(model, *, mode, rule=Rule(), bn="frozen", bn_momentum=None):
     model evaluates near chance while it trains well (the MobileNetV2 tutorial's scratch result).
     """
     backbone = model.get_layer(BACKBONE_LAYER)
-    for layer in _all_layers(model):  # Every layer on, so every candidate variable is visible below.
+    for layer in all_layers(model):  # Every layer on, so every candidate variable is visible below.
         layer.trainable = True
     if bn_momentum is not None:
         for layer in backbone.layers:
@@ -110,7 +110,7 @@ def frozen_weights(model, trained):
     statistics of BatchNorm layers that train (those update by design)."""
     moving = {
         id(weight)
-        for layer in _all_layers(model)
+        for layer in all_layers(model)
         if isinstance(layer, BN) and layer.trainable
         for weight in layer.non_trainable_weights
     }
@@ -166,7 +166,7 @@ def _group(layer_name, after_first_block):
 def slow_batchnorm_momentum(model, total_steps):
     """The momentum of BatchNorm layers that train, if their moving statistics (an average over about
     1/(1-momentum) steps) cannot settle within the run; else None."""
-    momenta = [layer.momentum for layer in _all_layers(model) if isinstance(layer, BN) and layer.trainable]
+    momenta = [layer.momentum for layer in all_layers(model) if isinstance(layer, BN) and layer.trainable]
     slow = [momentum for momentum in momenta if total_steps < 5 / (1 - momentum)]
     return max(slow) if slow else None
 
@@ -193,10 +193,11 @@ def audit(model, before, trained):
     }
 
 
-def _all_layers(layer):
+def all_layers(layer):
+    """`layer` and every layer nested in it, depth first."""
     yield layer
     for sublayer in getattr(layer, "layers", ()):
-        yield from _all_layers(sublayer)
+        yield from all_layers(sublayer)
 
 
 def _count(weights):

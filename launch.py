@@ -2,12 +2,10 @@
 
     python launch.py --flagfile=configs/frozen.flags [--flag=value ...]
 
-Parses flags into one validated Config, runs the job, and turns bad input into one line on stderr
-(naming the flag and the value) with exit status 2 and no traceback.
-
-Exit status: 0 done; 1 --job=compare finished but some mode failed (compare.md says why); 2 bad
-input; 3 training diverged (non-finite loss; the last good checkpoint is kept); 75 preempted by
-SIGTERM (a checkpoint was saved: rerun the same command to resume).
+Parses flags into one validated Config, runs the job, and turns the errors a user should read
+(errors.RunError: bad input, divergence, a failed mode of --job=compare) into one line on stderr and
+their exit status (errors.py has the table), without a traceback. Anything else is a bug in this
+project and keeps its traceback (exit status 1).
 """
 
 import logging as std_logging
@@ -20,13 +18,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TensorFlow's C++ star
 from absl import app, flags, logging  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import errors  # noqa: E402
+import internals  # noqa: E402
 from engine import config as config_lib  # noqa: E402
-from engine import compare, jobs, loop  # noqa: E402
+from engine import jobs  # noqa: E402
 
 config_lib.define_flags()
 flags.adopt_module_key_flags(config_lib)  # So --help lists them.
-USAGE_ERROR = 2
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _from_this_project(record):
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(ROOT)
 
 
 def configure_logging():
@@ -34,16 +37,16 @@ def configure_logging():
     logging.set_verbosity(logging.INFO)
     handler = logging.get_absl_handler().python_handler
     handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    handler.addFilter(
-        lambda record: record.levelno >= std_logging.WARNING or record.pathname.startswith(ROOT)
-    )
+    if _from_this_project not in handler.filters:
+        handler.addFilter(_from_this_project)
     tf.get_logger().setLevel("WARNING")  # TensorFlow's own Python logger has its own handler.
     warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
 
 
 def fail(message):
+    """Bad input on the command line itself: one line, exit status 2 (absl's parser exits here)."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(USAGE_ERROR)
+    sys.exit(errors.EXIT_USAGE)
 
 
 def parse_flags(argv):
@@ -56,20 +59,18 @@ def parse_flags(argv):
 
 
 def main(argv):
+    """Runs the job of the parsed flags; returns the exit status."""
     if len(argv) > 1:
         fail(f"unexpected argument {argv[1]!r} (flags look like --name=value)")
     configure_logging()
     try:
+        internals.check_versions()
         config = config_lib.from_flags()
         jobs.JOBS[config.job](config)
-    except config_lib.ConfigError as error:
-        fail(error)
-    except loop.Diverged as error:
+    except errors.RunError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(loop.EXIT_DIVERGED)
-    except compare.ModesFailed as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        return error.exit_status
+    return errors.EXIT_DONE
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ Splits are TFDS split strings (`train[:80%]`, `train[80%:90]`, `train+test`) for
 form one split, `train`, cut by TFDS's own ReadInstruction rules.
 """
 
-import collections
 import dataclasses
 import os
 
@@ -15,8 +14,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import internals
 from data import fashion_mnist_idx
-from engine.config import ConfigError, first_line
+from errors import ConfigError, first_line
 
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -79,7 +79,7 @@ class Source:
             else:
                 size = self._size(split)
         except (ValueError, KeyError, tf.errors.OpError) as error:
-            if "corresponds to no data" not in str(error):  # TFDS' words for an empty selection.
+            if not internals.is_empty_selection(error):
                 raise ConfigError(flag, split, f"not a split of {self.name}: {first_line(error)}") from None
             size = 0
         if size == 0:
@@ -160,10 +160,7 @@ class FolderSource(Source):
         )
 
     def _ranges(self, split):
-        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(
-            {"train": _Size(len(self.paths))}
-        )
-        return [slice(i.from_, i.to) for i in instructions]
+        return internals.split_slices(split, len(self.paths))
 
     def _read(self, split):
         ranges = self._ranges(split)
@@ -176,9 +173,6 @@ class FolderSource(Source):
     def _label_counts(self, split):
         labels = np.concatenate([self.labels[r] for r in self._ranges(split)])
         return np.bincount(labels, minlength=len(self.all_class_names))
-
-
-_Size = collections.namedtuple("_Size", "num_examples")
 
 
 def open_source(config):
@@ -195,7 +189,7 @@ def open_source(config):
         builder_name = name
     try:
         builder = tfds.builder(builder_name, data_dir=config.data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
+    except tfds.core.DatasetNotFoundError:
         raise ConfigError(
             "dataset", name, "is not a TFDS dataset (see tfds.list_builders()) nor folder:PATH"
         ) from None
@@ -209,7 +203,9 @@ def open_source(config):
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
         )
-    except Exception as error:  # Network, checksum and manual-download failures all land here.
+    except Exception as error:  # TFDS raises several kinds; any other is re-raised.
+        if not internals.is_prepare_failure(error):
+            raise
         raise ConfigError(
             "dataset", name,
             f"could not be downloaded or prepared ({first_line(error)}); point --data_dir at a "

@@ -9,7 +9,6 @@ beside the float32 matmul GFLOP/s of this machine. Every figure is the median of
 after warm-up and tracing; comparisons are ratios of figures from this one run.
 """
 
-import dataclasses
 import json
 import os
 import statistics
@@ -19,18 +18,22 @@ from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.framework import ops as ops_registry  # Per-op FLOP counts (no public API).
 
+import internals
 from data import pipeline, sources
-from engine import compare, feature_cache
-from engine.config import ConfigError, validate
-from engine.trainer import make_optimizer, per_example_loss
+from engine import assembly, feature_cache
+from engine import config as config_lib
+from engine.optimizer import make_optimizer
+from engine.trainer import Stages, per_example_loss
+from errors import ConfigError
+from models import modes
 
 WINDOWS = 5
 WINDOW_STEPS = 20  # Training steps per timed window (engine and fit alike).
-CACHED_WINDOW_STEPS = 200  # Head-only steps on cached features are ~100x shorter.
+CACHED_WINDOW_STEPS = 200  # Head-only steps on cached features are much shorter: more of them per window.
 FIT_WARMUP_STEPS = 2  # Left out of each fit window: the first call traces, later ones restart.
-MODES = ("scratch", "frozen", "finetune")
+MODES = tuple(name for name, mode in modes.MODES.items() if not mode.head_first)  # Each a row, scratch first.
+CACHED_MODES = tuple(name for name in MODES if modes.MODES[name].feature_cache)  # And a row on features.
 EPOCHS = 10  # The run length over which the feature cache's one-time extraction is amortised.
 STREAM_EPOCHS = 1000
 
@@ -92,7 +95,7 @@ def training_flops_per_image(model, variables, image_size, channels, batch=4):
     """Floating-point operations of one training step per image: forward, and backward for what
     trains. Counted on the traced graph, over the ops its gradients depend on (what runs), with
     TensorFlow's registered per-op counts (convolutions, matmuls, their gradients, elementwise math);
-    depthwise-convolution gradients have none and are counted here from their shapes."""
+    depthwise-convolution gradients have none and are counted from their shapes (internals.op_flops)."""
 
     @tf.function
     def forward_backward(images, labels):
@@ -106,7 +109,7 @@ def training_flops_per_image(model, variables, image_size, channels, batch=4):
     logger, level = tf.get_logger(), tf.get_logger().level
     logger.setLevel("ERROR")  # The registry's shape helper logs a deprecation warning per call.
     try:
-        return sum(_op_flops(function.graph, op) for op in _ops_needed(function.outputs)) / batch
+        return sum(internals.op_flops(function.graph, op) for op in _ops_needed(function.outputs)) / batch
     finally:
         logger.setLevel(level)
 
@@ -121,16 +124,6 @@ def _ops_needed(outputs):
             pending.extend(tensor.op for tensor in op.inputs)
             pending.extend(op.control_inputs)
     return needed
-
-
-def _op_flops(graph, op):
-    if op.type.startswith("DepthwiseConv2dNativeBackprop"):  # Same count as the forward op's.
-        kernel = tf.get_static_value(op.inputs[1]) if op.type.endswith("Filter") else op.inputs[1].shape
-        return 2 * int(np.prod(op.inputs[2].shape)) * int(kernel[0]) * int(kernel[1])
-    try:  # The registry behind tf.compat.v1.profiler's float_operation counts.
-        return ops_registry.get_stats_for_node_def(graph, op.node_def, "flops").value or 0
-    except ValueError:  # An op with unknown shapes: not a convolution or matmul of this model.
-        return 0
 
 
 class _FitTimer(keras.callbacks.Callback):
@@ -148,36 +141,35 @@ class _FitTimer(keras.callbacks.Callback):
             self.seconds = time.perf_counter() - self.started
 
 
-def _fit_model(setup, variables):
+def _fit_model(run, variables):
     """The engine's model, compiled for Keras fit with the same optimizer, loss and accuracy metric."""
-    config, devices = setup.config, setup.devices
-    trainable = {id(variable) for variable in setup.model.trainable_variables}
+    config, devices, model = run.config, run.devices, run.model
+    trainable = {id(variable) for variable in model.trainable_variables}
     if trainable != {id(variable) for variable in variables}:
         raise RuntimeError("model.fit would train other variables than the engine")
-    binary = setup.model.output.shape[-1] == 1
+    binary = model.output.shape[-1] == 1
     with devices.strategy.scope():
-        setup.model.compile(
+        model.compile(
             optimizer=make_optimizer(
                 name=config.optimizer, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                precision=devices.precision, variables=setup.model.trainable_variables,
+                precision=devices.precision, variables=model.trainable_variables,
             ),
             loss=keras.losses.BinaryCrossentropy(from_logits=True) if binary
             else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
             jit_compile=devices.jit_compile,
         )
-    return setup.model
+    return model
 
 
-def mode_rates(setup, jobs):
+def mode_rates(run, trainer):
     """(engine, fit, engine/fit) training images/sec of one mode, in alternating windows; the ratio is
     the median of each adjacent pair's, so a slow spell of the machine hits both sides of it."""
-    config = setup.config
-    trainer = setup.trainer_for(0)
-    iterator = iter(jobs.train_dataset(setup))
-    model = _fit_model(setup, trainer.variables)
+    config = run.config
+    iterator = iter(run.train_dataset())
+    model = _fit_model(run, trainer.variables)
     fit_data = pipeline.train_dataset(
-        setup.train, batch_size=config.batch_size, batches_per_epoch=setup.steps_per_epoch, seed=config.seed,
+        run.splits["train"], batch_size=config.batch_size, batches_per_epoch=run.steps_per_epoch, seed=config.seed,
         epochs=1, augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
         deterministic=config.deterministic,
     ).repeat()
@@ -198,11 +190,12 @@ def mode_rates(setup, jobs):
     return statistics.median(engine), statistics.median(fit), ratio
 
 
-def cached_rate(setup, jobs):
-    """Frozen mode on cached features: (head-training images/sec, extraction seconds)."""
-    setup, extraction = feature_cache.use(setup, jobs.eval_dataset)
-    window = _window(setup.trainer_for(0), iter(jobs.train_dataset(setup)), CACHED_WINDOW_STEPS, setup.config)
-    return median_rate(window), extraction["seconds"]
+def cached_rate(run):
+    """A mode on cached features: (head-training images/sec, extraction seconds)."""
+    features = feature_cache.build(run)
+    trainer = Stages(run, step_model=features.head)(0)
+    window = _window(trainer, iter(run.train_dataset(features.splits["train"])), CACHED_WINDOW_STEPS, run.config)
+    return median_rate(window), features.report["seconds"]
 
 
 def _window(trainer, iterator, steps, config):
@@ -220,41 +213,39 @@ def _window(trainer, iterator, steps, config):
 
 
 def _mode_configs(config):
-    """Each mode's train config: the compare job's variants on the training split alone, with a
-    training stream long enough for every window (it is read lazily)."""
+    """Each mode's train config (models/modes.py) on the training split alone, with a training stream
+    long enough for every window (it is read lazily)."""
     return {
-        mode: validate(dataclasses.replace(
-            run, eval_split="", test_split="", feature_cache="off", epochs=STREAM_EPOCHS,
-        ))
-        for mode, run in compare.variants(config).items() if mode in MODES
+        mode: config_lib.for_mode(
+            config, mode, eval_split="", test_split="", feature_cache="off", epochs=STREAM_EPOCHS
+        )
+        for mode in MODES
     }
 
 
 def benchmark(config):
     """Measures and reports; see the module docstring."""
-    from engine import jobs  # jobs imports this module.
-
     source = sources.open_source(config)
     split = source.split(config.train_split, "train_split")
     logging.info("Benchmark: %s %s at %d px, batch %d", config.dataset, config.train_split,
                  config.image_size, config.batch_size)
     rows = {}
     matmul = matmul_gflops()
-    for mode, run in _mode_configs(config).items():
+    for mode, mode_config in _mode_configs(config).items():
         logging.info("Benchmark: %s (engine and model.fit, %d windows of %d steps each)", mode, WINDOWS, WINDOW_STEPS)
-        setup = jobs.build(run)
-        trainer = setup.trainer_for(0)
-        flops = training_flops_per_image(setup.model, trainer.variables, config.image_size, source.channels)
-        engine, fit, engine_over_fit = mode_rates(setup, jobs)
+        run = assembly.build(mode_config)
+        trainer = Stages(run)(0)
+        flops = training_flops_per_image(run.model, trainer.variables, config.image_size, source.channels)
+        engine, fit, engine_over_fit = mode_rates(run, trainer)
         rows[mode] = {
             "images_per_sec": engine, "fit_images_per_sec": fit, "engine_over_fit": engine_over_fit,
             "training_flops_per_image": flops, "achieved_gflops": flops * engine / 1e9,
             "trainable_params": int(sum(np.prod(v.shape) for v in trainer.variables)),
         }
-        if mode == "frozen":
-            head, extract_seconds = cached_rate(setup, jobs)
-            epoch = setup.train.count
-            rows["frozen, feature cache"] = {
+        if mode in CACHED_MODES:
+            head, extract_seconds = cached_rate(run)
+            epoch = run.splits["train"].count
+            rows[f"{mode}, feature cache"] = {
                 "images_per_sec": head, "extraction_seconds": extract_seconds,
                 "extraction_images_per_sec": epoch / extract_seconds,
                 f"{EPOCHS}_epochs_seconds": extract_seconds + EPOCHS * epoch / head,
@@ -266,8 +257,8 @@ def benchmark(config):
         "dataset": config.dataset, "split": config.train_split, "backbone": config.backbone,
         "alpha": config.alpha, "image_size": config.image_size, "batch_size": config.batch_size,
         "unfreeze": config.unfreeze or config.unfreeze_from or config.trainable_regex,
-        "devices": f"{setup.devices.kind} x {setup.devices.num_replicas}, {setup.devices.precision}, "
-                   f"XLA {'on' if setup.devices.jit_compile else 'off'}",
+        "devices": f"{run.devices.kind} x {run.devices.num_replicas}, {run.devices.precision}, "
+                   f"XLA {'on' if run.devices.jit_compile else 'off'}",
         "matmul_gflops": matmul, "rows": rows, "ratios": ratios(rows, matmul),
     }
     try:
@@ -283,17 +274,18 @@ def benchmark(config):
 def ratios(rows, matmul):
     """The targets, as ratios of figures measured in this run."""
     fastest = max(rows[mode]["images_per_sec"] for mode in MODES)
-    cache = rows["frozen, feature cache"]
     result = {f"engine / fit, {mode}": rows[mode]["engine_over_fit"] for mode in MODES}
-    result[f"frozen with feature cache / fit frozen, {EPOCHS} epochs with extraction"] = (
-        cache[f"{EPOCHS}_epochs_fit_seconds"] / cache[f"{EPOCHS}_epochs_seconds"]
-    )
+    for mode in CACHED_MODES:
+        cache = rows[f"{mode}, feature cache"]
+        result[f"{mode} with feature cache / fit {mode}, {EPOCHS} epochs with extraction"] = (
+            cache[f"{EPOCHS}_epochs_fit_seconds"] / cache[f"{EPOCHS}_epochs_seconds"]
+        )
     result["pipeline (cache memory) / fastest mode"] = rows["pipeline, cache memory"]["images_per_sec"] / fastest
     result["pipeline cache memory / naive"] = (
         rows["pipeline, cache memory"]["images_per_sec"] / rows["pipeline, naive (tutorials)"]["images_per_sec"]
     )
     result["scratch GFLOP/s / matmul GFLOP/s"] = rows["scratch"]["achieved_gflops"] / matmul
-    for mode in ("frozen", "finetune"):
+    for mode in MODES[1:]:
         result[f"{mode} / scratch images/sec"] = rows[mode]["images_per_sec"] / rows["scratch"]["images_per_sec"]
     return result
 
@@ -314,9 +306,10 @@ def markdown(report):
             f"{row['engine_over_fit']:.2f}x | {row['training_flops_per_image'] / 1e9:.3f} | "
             f"{row['achieved_gflops']:.1f} |"
         )
-    cache = report["rows"]["frozen, feature cache"]
-    lines.append(f"| frozen, feature cache (head on features) | {cache['images_per_sec']:,.0f} | | | | |")
-    lines.append(f"| feature extraction, once | {cache['extraction_images_per_sec']:,.0f} | | | | |")
+    for mode in CACHED_MODES:
+        cache = report["rows"][f"{mode}, feature cache"]
+        lines.append(f"| {mode}, feature cache (head on features) | {cache['images_per_sec']:,.0f} | | | | |")
+        lines.append(f"| {mode}, feature extraction, once | {cache['extraction_images_per_sec']:,.0f} | | | | |")
     for name in ("pipeline, cache memory", "pipeline, cache none", "pipeline, naive (tutorials)"):
         lines.append(f"| {name} | {report['rows'][name]['images_per_sec']:,.0f} | | | | |")
     lines += ["", "| ratio | measured |", "| --- | ---: |"]

@@ -21,9 +21,7 @@ import sys
 from absl import logging
 import tensorflow as tf
 
-from engine.config import ConfigError, first_line
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a temporary failure; rerun the same command to resume.
+from errors import EXIT_PREEMPTED, ConfigError, first_line
 
 
 class Checkpoints:

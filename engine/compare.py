@@ -6,47 +6,33 @@ TensorBoard shows them side by side (`tensorboard --logdir model_dir`). Then `co
 and `compare.png` (validation curves). A mode that fails is reported in the table; the others still run.
 """
 
-import dataclasses
 import json
 import os
 import time
 
 from absl import logging
 import keras
+import tensorflow as tf
 
 from data import sources
 from engine import config as config_lib
-from engine.config import first_line
+from engine import training
 from engine.run_dir import RunDir, write_atomic
-
-NO_RULE = {"unfreeze": 0, "unfreeze_from": "", "trainable_regex": ""}
-
-
-class ModesFailed(RuntimeError):
-    """Some modes failed; compare.md says which and why."""
+from errors import ModesFailed, RunError, first_line
+from models import modes
 
 
 def variants(config):
-    """{name: the train config of that mode}, validated before any of them runs."""
-    common = {"job": "train", "head_epochs": 0}
-    changes = {
-        # A discriminative rate slows a *pretrained* backbone; a random one needs the full rate.
-        "scratch": dict(mode="scratch", backbone_lr_mult=1.0, **NO_RULE),
-        "frozen": dict(mode="frozen", **NO_RULE),
-        "finetune": dict(mode="finetune"),
-    }
-    if config.head_epochs:
-        changes["staged"] = dict(mode="finetune", head_epochs=config.head_epochs)
+    """{mode name: the train config of that mode, in model_dir/<mode>}, validated before any runs: every
+    mode of models/modes.py, staged only with --head_epochs."""
     return {
-        name: config_lib.validate(dataclasses.replace(
-            config, **{**common, **change, "model_dir": os.path.join(config.model_dir, name)}
-        ))
-        for name, change in changes.items()
+        name: config_lib.for_mode(config, name, model_dir=os.path.join(config.model_dir, name))
+        for name, mode in modes.MODES.items() if config.head_epochs or not mode.head_first
     }
 
 
-def compare(config, train):
-    """Runs `train` (jobs.train) for every mode, then writes the table and the plot."""
+def compare(config):
+    """Trains every mode (engine/training.py), then writes the table and the plot."""
     runs = variants(config)
     for name, run in runs.items():
         RunDir(run.model_dir).check_compatible(run)  # Refuse a mixed-up model_dir before hours of work.
@@ -61,8 +47,10 @@ def compare(config, train):
         logging.info("Compare: mode %d of %d: %s -> %s", index, len(runs), name, run.model_dir)
         started = time.time()
         try:
-            rows[name] = {"status": "done", **train(run, progress_label=label)}
-        except Exception as error:  # Bad input, divergence, out of memory...: reported, the rest go on.
+            rows[name] = {"status": "done", **training.train(run, progress_label=label)}
+        # Bad input, divergence, out of memory: reported, and the other modes still run. Anything else
+        # is a bug and stops the comparison with its traceback.
+        except (RunError, tf.errors.ResourceExhaustedError) as error:
             logging.error("Compare: %s failed: %s", name, first_line(error))
             rows[name] = {"status": f"failed: {first_line(error)}", "wall_seconds": time.time() - started}
         rows[name]["curves"] = _curves(run.model_dir)

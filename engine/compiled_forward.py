@@ -1,17 +1,19 @@
 """How the engine's compiled steps run the model: the same layers and variables as Keras' own call, two
-ways faster on this CPU (measured on MobileNetV2 alpha 0.35 at 96 px, batch 64).
+ways faster where measured (CPU; figures in README.md, *Throughput*).
 
 - BatchNorm that trains runs as TensorFlow's fused kernel (FusedBatchNormV3 and its fused gradient,
   what tf.keras 2 used) instead of Keras 3's composite of moments, subtract, multiply and add: one pass
-  over the activations instead of several. A scratch training step ran 1.6-1.7x faster.
+  over the activations instead of several (`Devices.fused_batchnorm`, `--fused_batchnorm`). The patch
+  itself lives with the other library internals, in internals.py.
 - Frozen weights enter the graph as constants (a snapshot taken when the step is traced; frozen
   weights never change, the audit proves it). Grappler then folds inference BatchNorm into the
-  convolutions and oneDNN keeps its reordered filters: the frozen backbone's forward ran 1.5-1.7x
-  faster. Done on CPU only, where it was measured (`Devices.frozen_as_constants`): on GPUs XLA
-  already fuses the elementwise work, and constants would be copied into the graph once per replica.
+  convolutions and oneDNN keeps its reordered filters (`Devices.frozen_as_constants`, CPU only: on
+  GPUs XLA already fuses the elementwise work, and constants would be copied into the graph once per
+  replica). Keras' documented `StatelessScope` substitutes the constants and collects the updates made
+  meanwhile (BatchNorm statistics, dropout seeds), which are then applied to the variables.
 
 Both act only inside the engine's traced steps: the model, its saved form and Keras' own `fit` on it
-are untouched, which is what lets `--job=benchmark` compare the engine with `fit` on the same model.
+are untouched.
 """
 
 import contextlib
@@ -20,80 +22,27 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from internals import fused_batch_norm
 from models.trainability import all_layers
-
-_BN = keras.layers.BatchNormalization
-_FUSED_MIN_EPSILON = 1.001e-5  # FusedBatchNormV3 raises smaller epsilons to this; keep Keras' there.
-
-
-def _fused_batch_norm_call(layer, keras_call):
-    """`layer.call` that computes a training-mode BatchNorm with the fused kernel, with Keras 3's
-    semantics (biased batch variance in the moving average, float32 math, momentum); every other case
-    (inference, masks, renorm, synchronized, other axes or ranks) goes to Keras' own call."""
-
-    def call(inputs, training=None, mask=None):
-        usable = (
-            training and layer.trainable and mask is None and not layer.renorm
-            and not getattr(layer, "synchronized", False) and len(inputs.shape) == 4
-            and layer.axis in (-1, 3) and layer.epsilon >= _FUSED_MIN_EPSILON
-        )
-        if not usable:
-            return keras_call(inputs, training=training, mask=mask)
-        inputs = tf.cast(inputs, "float32")
-        channels = inputs.shape[-1]
-        scale = tf.cast(layer.gamma, "float32") if layer.scale else tf.ones([channels])
-        offset = tf.cast(layer.beta, "float32") if layer.center else tf.zeros([channels])
-        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            inputs, scale, offset, epsilon=layer.epsilon, is_training=True
-        )
-        # The kernel returns the unbiased variance; Keras' moving average uses the biased one.
-        count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), "float32")
-        variance = variance * (count - 1.0) / tf.maximum(count, 1.0)
-        momentum = layer.momentum
-        layer.moving_mean.assign(tf.cast(layer.moving_mean, "float32") * momentum + mean * (1.0 - momentum))
-        layer.moving_variance.assign(
-            tf.cast(layer.moving_variance, "float32") * momentum + variance * (1.0 - momentum)
-        )
-        return tf.cast(outputs, layer.compute_dtype)
-
-    return call
-
-
-@contextlib.contextmanager
-def fused_batch_norm(model):
-    """While a step traces (enter it in the cross-replica part, around `strategy.run`), every
-    BatchNorm layer of `model` computes training mode with the fused kernel. Instance attributes, so
-    nothing outside the trace (another model, `fit`, a saved model) sees it."""
-    layers = [layer for layer in all_layers(model) if isinstance(layer, _BN)]
-    for layer in layers:
-        layer.call = _fused_batch_norm_call(layer, type(layer).call.__get__(layer))
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.call
-
-
-class _ReplayUpdates(keras.StatelessScope):
-    """A StatelessScope that remembers the assignments made inside it (BatchNorm statistics, random
-    seeds), so they can be applied when it exits: it exists here only to substitute values."""
-
-    def __init__(self, state_mapping):
-        super().__init__(state_mapping=state_mapping)
-        self.updates = []
-
-    def add_update(self, update):
-        super().add_update(update)
-        self.updates.append(update)
 
 
 class CompiledForward:
     """Calls `model` inside a traced step, with `frozen` (weights that never change) as constants when
-    `constants` is set. Call it in replica context; each replica traces its own constants."""
+    `constants` is set. Call it in replica context; each replica traces its own constants. With
+    `fused_batchnorm`, trace the step inside `self.fusing()`."""
 
-    def __init__(self, model, *, frozen, constants):
+    def __init__(self, model, *, frozen, constants, fused_batchnorm=False):
         self.model = model
+        self.fused_batchnorm = fused_batchnorm
         self.frozen = list(frozen) if constants else []
+        frozen_ids = {id(variable) for variable in self.frozen}
+        # What a forward pass may assign: BatchNorm statistics and seed-generator states.
+        self.updatable = [variable for variable in model.variables if id(variable) not in frozen_ids]
+
+    def fusing(self):
+        """Enter in the cross-replica part of a step's trace, around `strategy.run`: BatchNorm layers
+        that train then trace as the fused kernel (when `fused_batchnorm`)."""
+        return fused_batch_norm(all_layers(self.model)) if self.fused_batchnorm else contextlib.nullcontext()
 
     def __call__(self, inputs, *, training):
         if not self.frozen:
@@ -101,8 +50,10 @@ class CompiledForward:
         with tf.init_scope():  # The weights' values now (eagerly), not a read inside the graph.
             values = [np.asarray(variable.numpy()) for variable in self.frozen]
         mapping = [(variable, tf.constant(value)) for variable, value in zip(self.frozen, values)]
-        with _ReplayUpdates(mapping) as scope:
+        with keras.StatelessScope(state_mapping=mapping) as scope:
             outputs = self.model(inputs, training=training)
-        for variable, value in scope.updates:
-            variable.assign(value)
+        for variable in self.updatable:
+            value = scope.get_current_value(variable)
+            if value is not None:
+                variable.assign(value)
         return outputs

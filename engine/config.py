@@ -11,32 +11,20 @@ import re
 
 from absl import flags
 
+from errors import ConfigError
+from models import modes
 from models.backbones import BACKBONES
 
 JOBS = ("train", "evaluate", "export", "benchmark", "compare")
-MODES = ("scratch", "frozen", "finetune")
+EVERY_MODE_JOBS = ("compare", "benchmark")  # Jobs that run every mode: the flags describe finetune.
 BN_POLICIES = ("frozen", "train")
 AUGMENTATIONS = ("none", "flip", "flip_crop")
 OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-JIT_CHOICES = ("auto", "true", "false")
-
-
-class ConfigError(ValueError):
-    """Bad user input: one line naming the flag (or file) and the value, and why it is refused."""
-
-    def __init__(self, flag, value, reason):
-        self.flag, self.value = flag, value
-        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-        super().__init__(f"--{flag}={shown}: {reason}")
-
-
-def first_line(error):
-    """The first line of an exception's message: libraries' errors are often long and multi-line."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+AUTO_TRUE_FALSE = ("auto", "true", "false")
+NO_RULE = {"unfreeze": 0, "unfreeze_from": "", "trainable_regex": ""}
 
 
 def _option(default, help_text, *, choices=None, kind=None):
@@ -62,7 +50,7 @@ class Config:
         "frozen",
         "scratch: random backbone, all trains; frozen: pretrained backbone fixed, head trains; "
         "finetune: pretrained backbone, top --unfreeze layers and head train.",
-        choices=MODES,
+        choices=modes.FLAG_VALUES,
     )
     # finetune rules: exactly one of these three.
     unfreeze: int = _option(0, "finetune: how many of the backbone's top layers with weights train.")
@@ -159,7 +147,13 @@ class Config:
         "auto", "auto: mixed_float16 on GPUs of compute capability >= 7.0, else float32.",
         choices=PRECISIONS,
     )
-    jit_compile: str = _option("auto", "XLA for the per-replica step; auto: on GPU only.", choices=JIT_CHOICES)
+    jit_compile: str = _option("auto", "XLA for the per-replica step; auto: on GPU only.", choices=AUTO_TRUE_FALSE)
+    fused_batchnorm: str = _option(
+        "auto",
+        "BatchNorm layers that train run as TensorFlow's fused kernel in the engine's steps; auto: on CPU, "
+        "where it was measured faster (see README, How it works).",
+        choices=AUTO_TRUE_FALSE,
+    )
     checkpoint_every: int = _option(
         0, "Also checkpoint every this many steps within epochs (0: at epoch ends only)."
     )
@@ -247,20 +241,32 @@ def validate(config):
         raise ConfigError("warmup_steps", config.warmup_steps, "must not be negative")
     if config.unfreeze < 0:
         raise ConfigError("unfreeze", config.unfreeze, "must not be negative")
-    rules = {name: getattr(config, name) for name in ("unfreeze", "unfreeze_from", "trainable_regex")
-             if getattr(config, name)}
+    if config.head_epochs < 0:
+        raise ConfigError("head_epochs", config.head_epochs, "must not be negative")
+    every_mode = config.job in EVERY_MODE_JOBS
+    if config.head_epochs and not every_mode and config.mode not in modes.STAGED_FLAGS:
+        raise ConfigError(
+            "head_epochs", config.head_epochs, f"stages a --mode={'|'.join(modes.STAGED_FLAGS)} run only"
+        )
+    if config.head_epochs and config.head_epochs >= config.epochs:
+        raise ConfigError(
+            "head_epochs", config.head_epochs, f"leaves no epoch to fine-tune (--epochs={config.epochs})"
+        )
+    rules = {name: getattr(config, name) for name in NO_RULE if getattr(config, name)}
     # --job=compare and benchmark run every mode: the flags describe finetune, the others drop its rule.
-    finetunes = config.mode == "finetune" or config.job in ("compare", "benchmark")
-    if finetunes and len(rules) != 1:
+    uses_rule = every_mode or modes.of_run(config.mode, config.head_epochs).backbone_trains == modes.RULE
+    if uses_rule and len(rules) != 1:
         flag, value = next(iter(rules.items())) if rules else ("unfreeze", 0)
         raise ConfigError(
             flag, value,
-            f"--{'mode=finetune' if config.mode == 'finetune' else 'job=' + config.job} needs exactly one of "
+            f"--{'job=' + config.job if every_mode else 'mode=' + config.mode} needs exactly one of "
             "--unfreeze, --unfreeze_from, --trainable_regex",
         )
-    if not finetunes and rules:
+    if not uses_rule and rules:
         flag, value = next(iter(rules.items()))
-        raise ConfigError(flag, value, f"only --mode=finetune unfreezes layers, not --mode={config.mode}")
+        raise ConfigError(
+            flag, value, f"only --mode={'|'.join(modes.RULE_FLAGS)} unfreezes layers, not --mode={config.mode}"
+        )
     if config.trainable_regex:
         try:
             re.compile(config.trainable_regex)
@@ -268,14 +274,6 @@ def validate(config):
             raise ConfigError(
                 "trainable_regex", config.trainable_regex, f"not a regular expression ({error})"
             ) from None
-    if config.head_epochs < 0:
-        raise ConfigError("head_epochs", config.head_epochs, "must not be negative")
-    if config.head_epochs and not finetunes:
-        raise ConfigError("head_epochs", config.head_epochs, "stages a --mode=finetune run only")
-    if config.head_epochs and config.head_epochs >= config.epochs:
-        raise ConfigError(
-            "head_epochs", config.head_epochs, f"leaves no epoch to fine-tune (--epochs={config.epochs})"
-        )
     if config.backbone_lr_mult <= 0:
         raise ConfigError("backbone_lr_mult", config.backbone_lr_mult, "must be positive (freeze with --mode)")
     if len(set(config.label_subset)) != len(config.label_subset):
@@ -304,3 +302,14 @@ def validate(config):
         raise ConfigError("weights", weights, "no such file or run directory")
     return config
 
+
+def for_mode(config, name, **changes):
+    """The train config of mode `name` (a row of models/modes.py) from `config`, whose flags describe a
+    finetune run (as --job=compare's and benchmark's do), with `changes`; validated."""
+    mode = modes.MODES[name]
+    values = {"job": "train", "mode": mode.flag, "head_epochs": config.head_epochs if mode.head_first else 0}
+    if mode.backbone_trains != modes.RULE:
+        values.update(NO_RULE)
+    if not mode.pretrained:  # A discriminative rate slows a pretrained backbone; a random one needs the full rate.
+        values["backbone_lr_mult"] = 1.0
+    return validate(dataclasses.replace(config, **{**values, **changes}))

@@ -1,9 +1,10 @@
-"""Device decisions: which tf.distribute strategy, which precision, whether to use XLA.
+"""Device decisions: which tf.distribute strategy, which precision, whether to use XLA, and how the
+engine's steps call the model (engine/compiled_forward.py).
 
-`auto` picks what was measured fastest on each kind of device: on GPUs, MirroredStrategy, mixed
-float16 (compute capability >= 7.0) and XLA on the per-replica step; on CPU, float32 without XLA (XLA
-made MobileNetV2 training 12x slower on a 2-core CPU, bfloat16 about 1.5x slower) and frozen weights
-as graph constants (engine/compiled_forward.py: the frozen backbone ran 1.5-1.7x faster).
+`auto` picks what was measured fastest on each kind of device (figures in README.md): on GPUs,
+MirroredStrategy, mixed float16 (compute capability >= 7.0) and XLA on the per-replica step; on CPU,
+float32 without XLA (both measured slower there), fused BatchNorm and frozen weights as graph constants
+(both measured faster there; on GPUs, XLA already fuses that work).
 """
 
 import dataclasses
@@ -14,7 +15,7 @@ from absl import logging
 import keras
 import tensorflow as tf
 
-from engine.config import ConfigError, first_line
+from errors import ConfigError, first_line
 
 
 API_NAMES = {
@@ -32,6 +33,7 @@ class Devices:
     kind: str  # "GPU" or "CPU"
     precision: str
     jit_compile: bool
+    fused_batchnorm: bool = False  # See engine/compiled_forward.py.
     frozen_as_constants: bool = False  # See engine/compiled_forward.py.
     num_workers: int = 1
     worker_index: int = 0  # Position in the cluster, chief first: this worker's input shard.
@@ -131,6 +133,7 @@ def configure(config):
     keras.mixed_precision.set_global_policy(precision)
 
     jit_compile = {"auto": kind == "GPU", "true": True, "false": False}[config.jit_compile]
+    fused_batchnorm = {"auto": kind == "CPU", "true": True, "false": False}[config.fused_batchnorm]
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     if config.batch_size % strategy.num_replicas_in_sync:
@@ -139,15 +142,16 @@ def configure(config):
             f"must be divisible by the {strategy.num_replicas_in_sync} replicas",
         )
     logging.info(
-        "Devices: %s x %d (%s), strategy %s%s, precision %s, XLA %s%s%s",
+        "Devices: %s x %d (%s), strategy %s%s, precision %s, XLA %s%s%s%s",
         kind, strategy.num_replicas_in_sync // num_workers, ", ".join(devices), API_NAMES[strategy_name],
         f", worker {worker_index} of {num_workers}" if num_workers > 1 else "", precision,
-        "on" if jit_compile else "off", ", frozen weights as constants" if kind == "CPU" else "",
+        "on" if jit_compile else "off", ", fused BatchNorm" if fused_batchnorm else "",
+        ", frozen weights as constants" if kind == "CPU" else "",
         ", deterministic ops" if config.deterministic else "",
     )
     return Devices(
-        strategy=strategy, strategy_name=API_NAMES[strategy_name], kind=kind, precision=precision, jit_compile=jit_compile,
-        frozen_as_constants=kind == "CPU",
+        strategy=strategy, strategy_name=API_NAMES[strategy_name], kind=kind, precision=precision,
+        jit_compile=jit_compile, fused_batchnorm=fused_batchnorm, frozen_as_constants=kind == "CPU",
         num_workers=num_workers, worker_index=worker_index, is_chief=is_chief, cluster_resolver=resolver,
     )
 

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from engine.compiled_forward import CompiledForward
+from models import modes
 
 FEATURES_LAYER = "pool"  # The classifier's pooled backbone output: what the head reads.
 HEAD_LAYERS = ("dropout", "logits")
@@ -24,10 +25,10 @@ HEAD_LAYERS = ("dropout", "logits")
 
 def reason_not_to_cache(config):
     """None when the cache applies to `config`, else why not (worth a log line only where the user
-    might have expected it: a frozen run with augmentation)."""
+    might have expected it: a mode the cache applies to, with augmentation)."""
     if config.feature_cache == "off":
         return "--feature_cache=off"
-    if config.mode != "frozen":
+    if not modes.of_run(config.mode, config.head_epochs).feature_cache:
         return f"--mode={config.mode} trains the backbone"
     if config.augment != "none":
         return f"--augment={config.augment} changes the pixels every epoch, so every epoch needs the backbone"
@@ -45,21 +46,21 @@ def head_model(model):
     return keras.Model(inputs, x, name="head")
 
 
-def extract(setup, examples, eval_dataset):
+def extract(run, examples):
     """`examples` with each image replaced by its backbone features, in the same order (so the same
-    seed shuffles them into the same batches). `eval_dataset(setup, examples)` distributes them with
-    weight-0 padding, so every replica and worker runs the same steps; the padding is dropped."""
-    strategy = setup.devices.strategy
-    extractor = keras.Model(setup.model.input, setup.model.get_layer(FEATURES_LAYER).output)
+    seed shuffles them into the same batches). `run.eval_dataset` (engine/assembly.py) distributes them
+    with weight-0 padding, so every replica and worker runs the same steps; the padding is dropped."""
+    strategy = run.devices.strategy
+    extractor = keras.Model(run.model.input, run.model.get_layer(FEATURES_LAYER).output)
     forward_pass = CompiledForward(
-        extractor, frozen=extractor.weights, constants=setup.devices.frozen_as_constants
+        extractor, frozen=extractor.weights, constants=run.devices.frozen_as_constants
     )
 
     def replica_step(images, labels, weights):
         return forward_pass(images, training=False), labels, weights
 
     @tf.function
-    def run(dataset):  # One graph over the whole dataset.
+    def run_all(dataset):  # One graph over the whole dataset.
         outputs = [tf.TensorArray(dtype, size=0, dynamic_size=True, infer_shape=False)
                    for dtype in (extractor.output.dtype, tf.int64)]
         index = tf.constant(0)
@@ -81,30 +82,35 @@ def extract(setup, examples, eval_dataset):
             input_signature=[tf.TensorSpec([None, *spec.shape], spec.dtype)],
         )
         # Inference keeps no activations for a backward pass, so 4x the training batch fits where
-        # training fits; it ran 14% faster than 1x on 2 CPU cores.
-        batches = examples.dataset.batch(4 * setup.config.batch_size).prefetch(tf.data.AUTOTUNE)
+        # training fits (and ran faster than 1x where measured).
+        batches = examples.dataset.batch(4 * run.config.batch_size).prefetch(tf.data.AUTOTUNE)
         features = np.concatenate([forward(images).numpy() for images, _ in batches])
         labels = np.concatenate([labels.numpy() for _, labels in batches])
     else:
-        features, labels = (value.numpy() for value in run(eval_dataset(setup, examples)))
+        features, labels = (value.numpy() for value in run_all(run.eval_dataset(examples)))
     if len(labels) != examples.count:
         raise RuntimeError(f"feature extraction returned {len(labels)} examples, expected {examples.count}")
     dataset = tf.data.Dataset.from_tensor_slices((features, labels)).cache()
     return dataclasses.replace(examples, dataset=dataset)
 
 
-def use(setup, eval_dataset):
-    """The setup with every split's images replaced by their features and the head as the model the
-    steps run; returns (setup, {"examples": per split, "seconds"}) of the one-time extraction."""
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """A run's splits as backbone features, and the model that trains on them."""
+
+    splits: dict  # {"train", "eval", "test": pipeline.Examples of features, or None}
+    head: keras.Model  # The classifier's own head layers on the features (shared, not copied).
+    report: dict  # {"examples": per split, "seconds"}: the one-time extraction, for results.json.
+
+
+def build(run):
+    """Runs the frozen backbone once over every split of `run` (engine/assembly.py)."""
     started = time.perf_counter()
-    splits = {name: getattr(setup, name) for name in ("train", "eval", "test")}
-    cached = {name: extract(setup, examples, eval_dataset) if examples else None
-              for name, examples in splits.items()}
+    splits = {name: extract(run, examples) if examples else None for name, examples in run.splits.items()}
     seconds = time.perf_counter() - started
-    counts = {name: examples.count for name, examples in cached.items() if examples}
+    counts = {name: examples.count for name, examples in splits.items() if examples}
     logging.info(
         "Feature cache: the frozen backbone ran once over %d examples in %.1f s; the head trains on "
-        "%d-d features", sum(counts.values()), seconds, cached["train"].dataset.element_spec[0].shape[-1],
+        "%d-d features", sum(counts.values()), seconds, splits["train"].dataset.element_spec[0].shape[-1],
     )
-    setup = dataclasses.replace(setup, **cached, step_model=head_model(setup.model), trainer=None, stage=None)
-    return setup, {"examples": counts, "seconds": seconds}
+    return Features(splits=splits, head=head_model(run.model), report={"examples": counts, "seconds": seconds})

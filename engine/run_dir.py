@@ -12,7 +12,9 @@
 import json
 import os
 
-from engine.config import ConfigError
+import tensorflow as tf
+
+from errors import ConfigError
 
 # Options that change what is in a checkpoint: a run dir holding another value of them is refused.
 IDENTITY = (
@@ -28,6 +30,7 @@ IDENTITY = (
 class RunDir:
     def __init__(self, path):
         self.path = path
+        self._writers = None  # TensorBoard's, created with the first epoch's record.
 
     def file(self, *parts):
         return os.path.join(self.path, *parts)
@@ -54,9 +57,25 @@ class RunDir:
         except OSError as error:
             raise ConfigError("model_dir", self.path, f"is not writable ({error.strerror})") from None
 
-    def append_metrics(self, record):
+    def record_epoch(self, record):
+        """An epoch's metrics: a line of metrics.jsonl and TensorBoard scalars in logs/train, logs/eval."""
         with open(self.file("metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._writers is None:
+            self._writers = {name: tf.summary.create_file_writer(self.file("logs", name)) for name in ("train", "eval")}
+        step = record["global_step"]
+        with self._writers["train"].as_default(step=step):
+            tf.summary.scalar("loss", record["train_loss"])
+            tf.summary.scalar("accuracy", record["train_accuracy"])
+            tf.summary.scalar("learning_rate", record["learning_rate"])
+            if record["images_per_sec"]:
+                tf.summary.scalar("images_per_sec", record["images_per_sec"])
+        if record["eval_loss"] is not None:
+            with self._writers["eval"].as_default(step=step):
+                tf.summary.scalar("loss", record["eval_loss"])
+                tf.summary.scalar("accuracy", record["eval_accuracy"])
+        for writer in self._writers.values():
+            writer.flush()
 
     def last_metrics(self):
         """The last line of metrics.jsonl as a dict."""

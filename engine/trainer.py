@@ -1,84 +1,24 @@
-"""The hand-written train and eval steps, run per replica with `strategy.run`.
+"""The hand-written train and eval steps, run per replica with `strategy.run`, and the stage schedule
+that picks a run's Trainer per epoch.
 
 One home for the loss: per-example cross-entropy on float32 logits, averaged over the *global* batch
 (`tf.nn.compute_average_loss`), so summing gradients across replicas (the optimizer's all-reduce) gives
 the gradient of the global batch's mean loss whatever the replica count. Under mixed float16 the loss is
 scaled with the Keras 3 `LossScaleOptimizer.scale_loss`; `apply` unscales and skips non-finite steps.
 
-Steps return per-replica sums (loss, correct, examples), reduced with SUM across replicas, so metrics
-are exact for any replica count and for partial final eval batches.
+One home for evaluation: steps return sums of (loss, correct, examples), per class in evaluation,
+reduced with SUM across replicas and workers, so every metric (per-class accuracy included) is exact
+for any replica count, worker count and partial final batch.
 """
 
-import functools
-
-import keras
+from absl import logging
+import numpy as np
 import tensorflow as tf
 
-from engine.compiled_forward import CompiledForward, fused_batch_norm
-from models import trainability
+from engine.compiled_forward import CompiledForward
+from models import modes, trainability
 
 _SUM = tf.distribute.ReduceOp.SUM
-
-
-def learning_rate_schedule(*, learning_rate, schedule, warmup_steps, total_steps):
-    """Keras' own CosineDecay: to 0 over the run for "cosine"; for "constant", its alpha=1 form (no
-    decay), which still gives the linear warm-up."""
-    if schedule == "constant" and not warmup_steps:
-        return learning_rate
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup_steps else learning_rate,
-        decay_steps=max(total_steps - warmup_steps, 1),
-        alpha=1.0 if schedule == "constant" else 0.0,
-        warmup_target=learning_rate if warmup_steps else None,
-        warmup_steps=warmup_steps,
-    )
-
-
-def make_optimizer(*, name, learning_rate, weight_decay, precision, variables, lr_multipliers=None):
-    """A Keras 3 optimizer built over `variables`: every variable that will ever train in this run, so
-    a staged run's later stages keep the optimizer state of earlier ones.
-
-    Weight decay (if any) skips biases and BatchNorm parameters. `lr_multipliers` maps variables (by
-    identity) to learning-rate multipliers (discriminative rates). Call inside `strategy.scope()`,
-    before any step is traced: a Keras 3 optimizer built lazily inside a replicated step fails.
-    """
-    classes = {
-        "adam": keras.optimizers.Adam,
-        "sgd": functools.partial(keras.optimizers.SGD, momentum=0.9),
-        "rmsprop": keras.optimizers.RMSprop,
-        "adamw": keras.optimizers.AdamW,
-    }
-    optimizer = classes[name](
-        learning_rate=learning_rate,
-        weight_decay=weight_decay if (weight_decay or name == "adamw") else None,
-    )
-    if weight_decay:
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    inner = optimizer
-    if precision == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(variables)
-    if lr_multipliers and any(value != 1.0 for value in lr_multipliers.values()):
-        _scale_learning_rates(inner, {
-            inner._get_variable_index(variable): lr_multipliers.get(id(variable), 1.0)
-            for variable in variables
-        })
-    return optimizer
-
-
-def _scale_learning_rates(optimizer, multipliers):
-    """Makes `optimizer` multiply its learning rate per variable (by index in its built variables).
-
-    Keras 3 optimizers take one learning rate; their per-variable `update_step` is where a parameter
-    group's rate belongs, so the instance's `update_step` is wrapped there.
-    """
-    update_step = optimizer.update_step
-
-    def scaled_update_step(gradient, variable, learning_rate):
-        multiplier = multipliers[optimizer._get_variable_index(variable)]
-        return update_step(gradient, variable, learning_rate * multiplier if multiplier != 1.0 else learning_rate)
-
-    optimizer.update_step = scaled_update_step
 
 
 def per_example_loss(labels, logits):
@@ -93,11 +33,10 @@ def per_example_loss(labels, logits):
     return loss, tf.cast(tf.equal(predictions, labels), tf.float32)
 
 
-def _sums(loss, correct, weights=None):
-    if weights is None:
-        weights = tf.ones_like(loss)
-    loss, correct, weights = (tf.cast(value, tf.float64) for value in (loss, correct, weights))
-    return tf.stack([tf.reduce_sum(loss * weights), tf.reduce_sum(correct * weights), tf.reduce_sum(weights)])
+def _sums(loss, correct, weights):
+    """Per-example (loss, correct, 1) x weights, in float64: [examples, 3]."""
+    values = tf.stack([loss, correct, tf.ones_like(loss)], axis=1)
+    return tf.cast(values, tf.float64) * tf.cast(weights, tf.float64)[:, None]
 
 
 class Trainer:
@@ -105,19 +44,20 @@ class Trainer:
 
     Gradients are taken for `variables` only (models/trainability.py decides them), so frozen variables
     never reach the optimizer. A new set of variables (a new stage) is a new Trainer: one trace each.
-    The steps call the model through engine/compiled_forward.py (fused BatchNorm; with
-    `frozen_as_constants`, the frozen weights as graph constants).
+    The steps call the model through engine/compiled_forward.py.
     """
 
     def __init__(self, *, model, optimizer, strategy, global_batch_size, variables, jit_compile=False,
-                 frozen_as_constants=False):
+                 frozen_as_constants=False, fused_batchnorm=False):
         self.model = model
         self.optimizer = optimizer
         self.strategy = strategy
         self.global_batch_size = global_batch_size
         self.variables = list(variables)
+        self.num_classes = max(2, model.output.shape[-1])  # One logit: two classes.
         self.forward = CompiledForward(
-            model, frozen=trainability.frozen_weights(model, self.variables), constants=frozen_as_constants
+            model, frozen=trainability.frozen_weights(model, self.variables), constants=frozen_as_constants,
+            fused_batchnorm=fused_batchnorm,
         )
         replica_step = self._replica_train_step
         if jit_compile:  # XLA on the per-replica computation only, not on the distribution.
@@ -136,12 +76,13 @@ class Trainer:
             scaled = self.optimizer.scale_loss(objective)
         gradients = tape.gradient(scaled, self.variables)
         self.optimizer.apply(gradients, self.variables)
-        return _sums(loss, correct)
+        return tf.reduce_sum(_sums(loss, correct, tf.ones_like(loss)), axis=0)
 
     def _train_steps(self, iterator, num_steps):
-        """Runs `num_steps` global steps in one call (a tf.range loop); returns summed metrics."""
+        """Runs `num_steps` global steps in one call (a tf.range loop); returns summed (loss, correct,
+        examples)."""
         totals = tf.zeros([3], tf.float64)
-        with fused_batch_norm(self.model):
+        with self.forward.fusing():
             for _ in tf.range(num_steps):
                 images, labels = next(iterator)
                 per_replica = self.strategy.run(self._replica_step, args=(images, labels))
@@ -150,24 +91,67 @@ class Trainer:
 
     def _replica_eval_step(self, images, labels, weights):
         loss, correct = per_example_loss(labels, self.forward(images, training=False))
-        return _sums(loss, correct, weights)
+        return tf.math.unsorted_segment_sum(_sums(loss, correct, weights), labels, self.num_classes)
 
     def _evaluate(self, dataset):
         """One pass over a distributed eval dataset of (images, labels, weights); returns weighted sums
-        of (loss, correct, examples): padding examples have weight 0."""
-        totals = tf.zeros([3], tf.float64)
+        of (loss, correct, examples) per class, [classes, 3]: padding examples have weight 0."""
+        totals = tf.zeros([self.num_classes, 3], tf.float64)
         for images, labels, weights in dataset:
             per_replica = self.strategy.run(self._replica_eval_step, args=(images, labels, weights))
             totals += self.strategy.reduce(_SUM, per_replica, axis=None)
         return totals
 
 
-def summarize(totals):
-    """(loss sum, correct, examples) -> {"loss", "accuracy", "examples"}."""
-    loss, correct, examples = (float(value) for value in totals)
+def summarize(totals, class_names=None):
+    """Sums of (loss, correct, examples), [3] or per class [classes, 3] -> {"loss", "accuracy",
+    "examples"}, and for per-class sums "class_accuracy" {class name: accuracy, None without examples}."""
+    totals = np.asarray(totals, np.float64)
+    loss, correct, examples = totals.reshape(-1, 3).sum(axis=0)
     examples = int(examples)
-    return {
-        "loss": loss / examples if examples else float("nan"),
-        "accuracy": correct / examples if examples else float("nan"),
+    result = {
+        "loss": float(loss) / examples if examples else float("nan"),
+        "accuracy": float(correct) / examples if examples else float("nan"),
         "examples": examples,
     }
+    if totals.ndim == 2:
+        names = class_names if class_names is not None else range(len(totals))
+        result["class_accuracy"] = {
+            name: float(right / count) if count else None for name, (_, right, count) in zip(names, totals)
+        }
+    return result
+
+
+class Stages:
+    """The stage schedule of a run: epoch -> the Trainer of that epoch's mode (models/modes.py; a
+    staged run trains the head alone first). Entering a stage sets what trains and traces its steps
+    once; the optimizer, built over every stage's variables, carries its state across stages.
+
+    `run` is the assembled run (engine/assembly.py); `step_model` is what the steps call, if not its
+    model: the head on cached features (engine/feature_cache.py).
+    """
+
+    def __init__(self, run, *, step_model=None):
+        config = run.config
+        self.model, self.step_model = run.model, step_model or run.model
+        self.run_mode = modes.of_run(config.mode, config.head_epochs)
+        self.head_epochs = config.head_epochs
+        self.rule = trainability.Rule.from_config(config)
+        self.bn = config.bn
+        self.optimizer, self.devices, self.batch_size = run.optimizer, run.devices, config.batch_size
+        self.mode = self.trainer = None
+
+    def __call__(self, epoch):
+        mode = self.run_mode.stage(epoch, self.head_epochs)
+        if mode is not self.mode:
+            variables = trainability.apply(self.model, mode=mode.name, rule=self.rule, bn=self.bn)
+            if self.mode is not None:
+                logging.info("Stage %s from epoch %d: %d variables train", mode.name, epoch + 1, len(variables))
+            devices = self.devices
+            self.trainer = Trainer(
+                model=self.step_model, optimizer=self.optimizer, strategy=devices.strategy,
+                global_batch_size=self.batch_size, variables=variables, jit_compile=devices.jit_compile,
+                frozen_as_constants=devices.frozen_as_constants, fused_batchnorm=devices.fused_batchnorm,
+            )
+            self.mode = mode
+        return self.trainer

@@ -6,12 +6,12 @@ never feeds a backbone the wrong preprocessing.
 """
 
 import os
-import re
 import warnings
 
 import keras
 
-from engine.config import ConfigError, first_line
+import internals
+from errors import ConfigError, first_line
 from models.backbones import BACKBONES
 
 BACKBONE_LAYER = "backbone"
@@ -61,7 +61,7 @@ def _build_backbone(entry, input_shape, weights, alpha):
     try:
         model = entry.build(input_shape, weights, alpha)
     except Exception as error:  # keras.utils.get_file raises a bare Exception when offline.
-        if weights != "imagenet":
+        if weights != "imagenet" or not internals.is_download_failure(error):
             raise
         cache = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
         raise ConfigError(
@@ -96,8 +96,10 @@ def load_backbone_weights(model, source):
             else:
                 backbone.load_weights(path)
         except (ValueError, KeyError, OSError, TypeError) as error:
-            raise ConfigError("weights", source, f"does not fit this backbone: {_mismatch(error)}") from None
-    partial = [w for w in caught if issubclass(w.category, UserWarning) and "saving" in w.filename]
+            raise ConfigError(
+                "weights", source, f"does not fit this backbone: {internals.weights_mismatch(error)}"
+            ) from None
+    partial = [warning for warning in caught if internals.is_partial_load_warning(warning)]
     if partial:
         raise ConfigError("weights", source, f"does not fit this backbone: {first_line(partial[0].message)}")
 
@@ -114,16 +116,3 @@ def _copy_weights(donor, target):
             )
     for source, destination in zip(donor_weights, target_weights):
         destination.assign(source)
-
-
-def _mismatch(error):
-    """The one informative sentence out of Keras' multi-line weight-loading errors."""
-    text = str(error)
-    shapes = re.search(r"variable\.shape=(\(.*?\)), Received: value\.shape=(\(.*?\))", text)
-    layer = re.search(r"object <\w+ name=([^,>]+)", text)
-    if shapes and layer:
-        return f"layer {layer.group(1)} expects shape {shapes.group(1)}, the file has {shapes.group(2)}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("A total of"):
-        return lines[1]
-    return first_line(error)

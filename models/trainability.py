@@ -14,7 +14,8 @@ import re
 import keras
 import numpy as np
 
-from engine.config import ConfigError
+from errors import ConfigError
+from models import modes
 from models.classifier import BACKBONE_LAYER
 
 BN = keras.layers.BatchNormalization
@@ -44,10 +45,11 @@ def weighted_layers(backbone):
 def apply(model, *, mode, rule=Rule(), bn="frozen", bn_momentum=None):
     """Sets `trainable` on every layer and returns the variables that train, head first.
 
-    scratch: everything trains, BatchNorm included. frozen: only the head. finetune: the head and the
-    backbone variables the rule selects; with `bn="frozen"` every backbone BatchNorm stays in inference
-    mode with fixed parameters and statistics (the Keras transfer-learning guide's advice), with
-    `bn="train"` selected BatchNorm layers train and update their statistics.
+    `mode` names a row of models/modes.py, which says what trains of the backbone: all of it
+    (scratch), none (frozen: the head alone), or the variables the rule selects (finetune). Its
+    BatchNorm layers train always (scratch), never, or per `bn`: with "frozen" every backbone BatchNorm
+    stays in inference mode with fixed parameters and statistics (the Keras transfer-learning guide's
+    advice), with "train" BatchNorm layers the rule selects train and update their statistics.
     `bn_momentum` replaces the momentum of the backbone's BatchNorm layers: keras.applications use
     0.999, whose moving statistics lag far behind the weights in a short run from scratch, so the
     model evaluates near chance while it trains well (the MobileNetV2 tutorial's scratch result).
@@ -59,18 +61,20 @@ def apply(model, *, mode, rule=Rule(), bn="frozen", bn_momentum=None):
         for layer in backbone.layers:
             if isinstance(layer, BN):
                 layer.momentum = bn_momentum
-    if mode == "scratch":
+    entry = modes.MODES[mode]
+    if entry.backbone_trains == modes.ALL:
         selected = backbone.trainable_weights
-    elif mode == "frozen":
+    elif entry.backbone_trains == modes.NONE:
         selected = []
     else:
         selected = _select(backbone, rule)
     selected = {id(weight) for weight in selected}
+    batchnorm_trains = {modes.ALWAYS: True, modes.NEVER: False, modes.BY_FLAG: bn == "train"}[entry.batchnorm_trains]
 
     for layer in backbone.layers:
         chosen = any(id(weight) in selected for weight in layer.trainable_weights)
-        if isinstance(layer, BN) and mode != "scratch" and bn == "frozen":
-            chosen = False
+        if isinstance(layer, BN):
+            chosen = chosen and batchnorm_trains
         layer.trainable = chosen
     head = [weight for layer in model.layers if layer is not backbone for weight in layer.trainable_weights]
     return head + [weight for weight in backbone.trainable_weights if id(weight) in selected]

@@ -1,6 +1,8 @@
 """Plain helpers for the tests (fixtures live in conftest.py)."""
 
+import contextlib
 import dataclasses
+import io
 import os
 import subprocess
 import sys
@@ -45,6 +47,23 @@ def launch(*args, env=None, timeout=600):
     )
 
 
+def launch_in_process(*args):
+    """launch.py's flag parsing and main, in this process: (exit status, what it printed on stderr).
+    An exception that launch.py lets through (a bug) propagates, with its traceback."""
+    from absl import flags
+
+    import launch
+
+    flags.FLAGS.unparse_flags()  # Flags of an earlier call must not leak into this one.
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            status = launch.main(launch.parse_flags(["launch.py", *args]))
+        except SystemExit as exit:  # The flag parser exits on bad flags.
+            status = exit.code
+    return status, stderr.getvalue()
+
+
 def tiny_flags(config):
     """A tiny config as launch.py arguments."""
     return [line for line in config.to_flagfile().splitlines() if line]
@@ -66,9 +85,9 @@ def two_devices():
 
 def train_run(config, model_dir):
     """Runs the train job in-process into `model_dir`; returns results.json as a dict."""
-    from engine import jobs
+    from engine import training
 
-    return jobs.train(replace(config, model_dir=str(model_dir)))
+    return training.train(replace(config, model_dir=str(model_dir)))
 
 
 def load_weights_file(path):

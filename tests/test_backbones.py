@@ -13,8 +13,9 @@ from keras.src.applications import efficientnet, mobilenet_v3, resnet
 from keras.src.backend import config as keras_config
 from keras.src.legacy.saving import legacy_h5_format  # The format of Keras' published weight files.
 
-from engine.config import ConfigError
-from engine.trainer import Trainer, make_optimizer
+from errors import ConfigError
+from engine.optimizer import make_optimizer
+from engine.trainer import Trainer
 from models import trainability
 from models.backbones import BACKBONES
 from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights, preprocessing
@@ -81,6 +82,7 @@ def model(request):
     return build_classifier(backbone=request.param, image_size=SIZE, channels=3, num_classes=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mode, bn", [("frozen", "frozen"), ("finetune", "train"), ("finetune", "frozen")]
 )
@@ -98,6 +100,7 @@ def test_training_changes_exactly_what_the_rule_says(model, mode, bn):
     assert any(not np.array_equal(before[w.path], w.numpy()) for w in head), "the head did not train"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", APPLICATIONS)
 def test_imagenet_weights_load_from_a_preseeded_keras_cache(name, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
@@ -128,6 +131,7 @@ def test_imagenet_weights_load_from_a_preseeded_keras_cache(name, tmp_path, monk
         np.testing.assert_array_equal(got.numpy(), expected.numpy(), err_msg=got.path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", APPLICATIONS)
 def test_weights_of_another_architecture_give_one_line(name, tmp_path):
     path = str(tmp_path / "small_cnn.weights.h5")

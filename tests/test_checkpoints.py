@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine.checkpoints import EXIT_PREEMPTED
-from engine.loop import EXIT_DIVERGED
+from errors import EXIT_DIVERGED, EXIT_PREEMPTED
 from helpers import ROOT, launch, tiny_config, tiny_flags, train_run
+
+pytestmark = pytest.mark.slow  # Every test here runs whole trainings, most in subprocesses.
 
 TIMING = ("images_per_sec", "seconds", "wall_seconds")
 

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from engine.config import ConfigError
+from errors import ConfigError
 from models.backbones import BACKBONES
 from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights, preprocessing
 
@@ -55,6 +55,7 @@ def test_logits_are_float32_under_mixed_precision():
     assert model(np.zeros((2, 32, 32, 1), "uint8")).dtype == "float32"
 
 
+@pytest.mark.slow
 def test_saved_model_loads_in_plain_keras_and_takes_raw_uint8_images_of_any_size(tmp_path):
     """model.keras holds its preprocessing in Keras' own layers and ops: it loads and predicts in a
     Python that cannot import this project."""

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from engine import compare, jobs
-from engine.config import Config, ConfigError, validate
+from engine import compare
+from engine.config import Config, validate
+from errors import ConfigError
 from helpers import launch, tiny_flags
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -17,10 +18,11 @@ def _row(table, mode):
     return next(line for line in table.splitlines() if line.startswith(f"| {mode} | "))
 
 
+@pytest.mark.slow
 def test_compare_trains_every_mode_in_its_own_dir_and_tabulates_them(tiny, pretrained_run, tmp_path):
     config = tiny(job="compare", weights=pretrained_run, unfreeze=2, head_epochs=1, epochs=2,
                   backbone_lr_mult=0.5, model_dir=str(tmp_path))
-    report = compare.compare(config, jobs.train)
+    report = compare.compare(config)
 
     assert list(report["modes"]) == MODES
     table = (tmp_path / "compare.md").read_text()
@@ -60,6 +62,7 @@ def test_the_plot_has_a_line_per_mode_and_says_which_failed(tmp_path):
     assert (tmp_path / "plot.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
+@pytest.mark.slow
 def test_a_failing_mode_is_reported_and_the_others_still_run(tiny, tmp_path):
     broken = tmp_path / "broken.weights.h5"
     broken.write_bytes(b"not an HDF5 file")

@@ -3,10 +3,13 @@ call computes, update what it updates, and leave nothing behind outside the engi
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
-from engine.compiled_forward import CompiledForward, fused_batch_norm
-from engine.trainer import Trainer, make_optimizer
+from engine.compiled_forward import CompiledForward
+from engine.optimizer import make_optimizer
+from engine.trainer import Trainer
+from internals import fused_batch_norm
 from helpers import one_device, two_devices
 from models import trainability
 from models.classifier import build_classifier
@@ -45,7 +48,7 @@ def train_call(model, x, *, fused):
     bn = model.get_layer("bn")
     start = [w.numpy() for w in bn.non_trainable_weights]
     if fused:
-        with fused_batch_norm(model):
+        with fused_batch_norm(trainability.all_layers(model)):
             outputs, gradients = step(x)
     else:
         outputs, gradients = step(x)
@@ -80,7 +83,7 @@ def test_fused_batch_norm_leaves_inference_and_other_layers_to_keras():
         op.type for op in fused[3].get_concrete_function(x).graph.get_operations()
     }
     model = conv_bn_model()
-    with fused_batch_norm(model):
+    with fused_batch_norm(trainability.all_layers(model)):
         assert "call" in vars(model.get_layer("bn"))
         inference = model(x, training=False).numpy()
     np.testing.assert_array_equal(inference, model(x, training=False).numpy())
@@ -158,6 +161,24 @@ def trainer_steps(strategy, *, constants, mode, steps=3):
     return {w.path: w.numpy() for w in model.weights}, sums.numpy(), variables
 
 
+def test_the_trainer_fuses_batch_norm_only_when_asked():
+    keras.utils.set_random_seed(0)
+    model = build_classifier(backbone="small_cnn", image_size=16, channels=1, num_classes=3)
+    variables = trainability.apply(model, mode="scratch")
+    optimizer = make_optimizer(name="sgd", learning_rate=0.01, weight_decay=0.0, precision="float32",
+                               variables=variables)
+    data = tf.data.Dataset.from_tensors((np.zeros((8, 16, 16, 1), "uint8"), np.zeros(8, "int64"))).repeat()
+    strategy = tf.distribute.get_strategy()
+    for fused in (True, False):
+        trainer = Trainer(model=model, optimizer=optimizer, strategy=strategy, global_batch_size=8,
+                          variables=variables, fused_batchnorm=fused)
+        graph = trainer.train_steps.get_concrete_function(iter(data), tf.constant(1)).graph.as_graph_def()
+        ops = {node.op for node in graph.node}  # And the tf.range loop's body, a function of its own:
+        ops |= {node.op for function in graph.library.function for node in function.node_def}
+        assert ("FusedBatchNormV3" in ops) == fused, fused
+
+
+@pytest.mark.slow
 def test_trainer_with_constants_trains_the_same_weights_and_never_moves_frozen_ones():
     for mode in ("frozen", "finetune"):
         for strategy in (one_device(), two_devices()):

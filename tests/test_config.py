@@ -8,7 +8,8 @@ from absl import flags
 import pytest
 
 from engine import config as config_lib
-from engine.config import Config, ConfigError, validate
+from engine.config import Config, validate
+from errors import ConfigError
 from engine.run_dir import read_flagfile_text
 from helpers import ROOT
 

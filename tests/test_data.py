@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data import fashion_mnist_idx, pipeline, sources
-from engine.config import ConfigError
+from errors import ConfigError
 from helpers import one_device, two_devices
 
 
@@ -39,7 +39,30 @@ def test_idx_files_are_checked(tmp_path):
         f.write(np.array([2049, 5], ">i4").tobytes() + bytes(5))
     with pytest.raises(ValueError, match="not an IDX file of 7 items"):
         fashion_mnist_idx.read_idx(str(bad), 2049, 7)
-    assert fashion_mnist_idx.find_files(str(tmp_path)) in (None, fashion_mnist_idx.DEBIAN_DIR)
+
+
+def test_idx_images_are_encoded_as_tfds_encodes_them_and_decode_to_the_same_pixels():
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+    encoded = list(fashion_mnist_idx.encode_png(images))
+    feature = tfds.features.Image(shape=(28, 28, 1))
+    assert encoded == [feature.encode_example(image) for image in images]
+    for png, image in zip(encoded, images):
+        np.testing.assert_array_equal(tf.io.decode_png(png).numpy(), image)
+
+
+def test_the_idx_files_are_found_in_the_manual_dir_first_then_in_debians(tmp_path, monkeypatch):
+    monkeypatch.setattr(fashion_mnist_idx, "DEBIAN_DIR", str(tmp_path / "debian"))
+    names = [name for images, labels, _ in fashion_mnist_idx.FILES.values() for name in (images, labels)]
+    for folder in ("manual", "debian"):
+        (tmp_path / folder).mkdir()
+        for name in names[:-1]:
+            (tmp_path / folder / name).write_bytes(b"")
+    assert fashion_mnist_idx.find_files(str(tmp_path / "manual")) is None, "three of four files are not enough"
+    (tmp_path / "debian" / names[-1]).write_bytes(b"")
+    assert fashion_mnist_idx.find_files(str(tmp_path / "manual")) == str(tmp_path / "debian")
+    assert fashion_mnist_idx.find_files(None) == str(tmp_path / "debian")
+    (tmp_path / "manual" / names[-1]).write_bytes(b"")
+    assert fashion_mnist_idx.find_files(str(tmp_path / "manual")) == str(tmp_path / "manual")
 
 
 def _labels(source, split):
@@ -268,6 +291,17 @@ def test_decode_resizes_and_keeps_uint8():
     assert int(tf.reduce_min(image)) == int(tf.reduce_max(image)) == 200
 
 
-def test_the_pipeline_throughput_helper_counts_images(subset):
+def test_the_pipeline_throughput_helper_counts_the_images_of_the_timed_batches(subset, monkeypatch):
+    """A clock that advances one second per reading: the rate is then the images timed, exactly."""
+    import itertools
+    import types
+
     split = subset.split("test[:64]", "train_split")
-    assert pipeline.images_per_sec(pipeline.naive_dataset(split, image_size=16, batch_size=8), batches=3) > 0
+    clock = itertools.count()
+    monkeypatch.setattr(pipeline, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    naive = pipeline.naive_dataset(split, image_size=16, batch_size=8)
+    sizes = [8] * (split.num_examples // 8) + [split.num_examples % 8]  # One pass; the helper repeats it.
+    assert 0 < sizes[-1] < 8 and len(sizes) >= 3
+    repeated = sizes * 3
+    assert pipeline.images_per_sec(naive, batches=3, warmup=2) == sum(repeated[2:5])
+    assert pipeline.images_per_sec(naive, batches=len(sizes), warmup=0) == split.num_examples

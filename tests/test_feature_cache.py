@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from engine import feature_cache, jobs
+from engine import assembly, feature_cache
 from helpers import replace, train_run
 
 
@@ -15,6 +15,7 @@ def _logits_weights(model_dir):
     return [weight.numpy() for weight in model.get_layer("logits").weights]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_head_training_on_cached_features_matches_the_live_frozen_backbone(tiny, pretrained_run, tmp_path, replicas):
     config = tiny(mode="frozen", weights=pretrained_run, dropout=0.3, epochs=2, train_split="train[:2%]",
@@ -33,22 +34,24 @@ def test_head_training_on_cached_features_matches_the_live_frozen_backbone(tiny,
     assert cached["trainability_audit"]["frozen_changed"] == 0
 
 
+@pytest.mark.slow
 def test_extraction_keeps_every_example_once_in_order_with_two_replicas(tiny, pretrained_run):
     """Padding is dropped and replica outputs are put back in the examples' order."""
     features = {}
     for replicas in (1, 2):
         config = tiny(mode="frozen", weights=pretrained_run, eval_split="test[:151]", batch_size=8,
                       cpu_replicas=replicas, strategy="mirrored" if replicas > 1 else "auto")
-        setup = jobs.build(config)
-        extracted = feature_cache.extract(setup, setup.eval, jobs.eval_dataset)
+        run = assembly.build(config)
+        extracted = feature_cache.extract(run, run.splits["eval"])
         features[replicas] = list(extracted.dataset.as_numpy_iterator())
-        labels = [label for _, label in setup.eval.dataset.as_numpy_iterator()]
+        labels = [label for _, label in run.splits["eval"].dataset.as_numpy_iterator()]
         assert [label for _, label in features[replicas]] == labels
         assert extracted.count == len(labels)
     for (one, _), (two, _) in zip(features[1], features[2]):
         np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_augmentation_turns_the_cache_off_and_says_why(tiny, pretrained_run, tmp_path):
     config = tiny(mode="frozen", weights=pretrained_run, augment="flip")
     assert "changes the pixels every epoch" in feature_cache.reason_not_to_cache(config)

@@ -10,7 +10,7 @@ import pytest
 
 from data import sources
 from engine.run_dir import read_flagfile
-from helpers import ROOT, launch, load_weights_file, tiny_config, tiny_flags
+from helpers import ROOT, launch, launch_in_process, load_weights_file, tiny_config, tiny_flags
 from models.classifier import BACKBONE_LAYER, build_classifier
 
 SHIPPED = os.path.join(ROOT, "models", "pretrained", "mobilenet_v2_0.35_96_fmnist7.weights.h5")
@@ -32,6 +32,7 @@ def digest_tree(path):
     return digests
 
 
+@pytest.mark.slow
 def test_frozen_default_trains_writes_the_run_dir_and_evaluate_reproduces_it(data_dir, tmp_path):
     model_dir = str(tmp_path / "frozen")
     quick = ["--epochs=2", "--steps_per_epoch=3", "--eval_split=train[90%:91%]", "--test_split=test[:300]"]
@@ -142,22 +143,38 @@ def stray_files(tmp_path_factory):
 
 @pytest.mark.parametrize("bad, message", BAD_INPUT, ids=[" ".join(bad) for bad, _ in BAD_INPUT])
 def test_bad_input_is_one_line_exit_2_and_leaves_the_earlier_run_alone(
-    data_dir, earlier_run, wrong_architecture, stray_files, bad, message
+    data_dir, earlier_run, wrong_architecture, stray_files, bad, message, monkeypatch
 ):
+    """Through launch.py's own parsing and main, in this process (a bug would raise here)."""
+    monkeypatch.delenv("TF_CONFIG", raising=False)
     before = digest_tree(earlier_run)
     config = tiny_config(data_dir=data_dir, model_dir=earlier_run, train_split="train[:3%]")
     names = dict(stray_files, wrong=wrong_architecture, run=earlier_run)
-    result = launch(*tiny_flags(config), *[flag.format(**names) for flag in bad], env={"TF_CONFIG": None})
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert errors == [errors[0]] and errors[0].startswith("error: " + message.format(**names)), (
-        result.stderr[-2000:]
-    )
-    assert "Traceback" not in result.stderr
+    status, stderr = launch_in_process(*tiny_flags(config), *[flag.format(**names) for flag in bad])
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert status == 2, stderr[-2000:]
+    assert errors == [errors[0]] and errors[0].startswith("error: " + message.format(**names)), stderr[-2000:]
     assert digest_tree(earlier_run) == before, "a refused command changed the earlier run's files"
     print(f"\n{' '.join(bad)} -> {errors[0]}")  # The catalogue as a user sees it: pytest -s.
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("bad, message", [
+    (["--batch_size=abc"], "error: flag --batch_size=abc: invalid literal"),  # Refused by the flag parser.
+    (["--dataset=no_such_data"], "error: --dataset=no_such_data: is not a TFDS dataset"),  # By a job.
+])
+def test_bad_input_from_the_command_line_is_one_line_on_stderr_and_exit_2(data_dir, tmp_path, bad, message):
+    config = tiny_config(data_dir=data_dir, model_dir=str(tmp_path / "run"))
+    result = launch(*tiny_flags(config), *bad, env={"TF_CONFIG": None})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        line for line in result.stderr.splitlines() if line.startswith(message)
+    ] != [], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "run"), "a refused command wrote its run dir"
+
+
+@pytest.mark.slow
 def test_a_malformed_tf_config_is_one_line(data_dir, tmp_path):
     config = tiny_config(data_dir=data_dir, model_dir=str(tmp_path / "run"))
     result = launch(*tiny_flags(config), env={"TF_CONFIG": "{not json"})
@@ -165,14 +182,58 @@ def test_a_malformed_tf_config_is_one_line(data_dir, tmp_path):
     assert "error: --strategy=auto: TF_CONFIG is not JSON (Expecting property name" in result.stderr
 
 
-def test_the_offline_data_needs_no_network_and_small_runs_resume(data_dir, tmp_path):
+def test_a_bug_keeps_its_traceback_and_is_not_called_bad_input(data_dir, tmp_path, monkeypatch):
+    """Only the errors a user should read become one line; anything else escapes launch.main."""
+    from data import sources as sources_module
+
+    def broken(config):
+        raise KeyError("a bug in this project")
+
+    monkeypatch.setattr(sources_module, "open_source", broken)
+    config = tiny_config(data_dir=data_dir, model_dir=str(tmp_path / "run"))
+    with pytest.raises(KeyError, match="a bug in this project"):
+        launch_in_process(*tiny_flags(config))
+
+
+def _block_network(monkeypatch):
+    """Every socket connection and name lookup of this process fails, as on a machine without network."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network blocked by the test")
+
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refuse)
+    for name in ("create_connection", "getaddrinfo"):
+        monkeypatch.setattr(socket, name, refuse)
+    return attempts
+
+
+def test_blocking_the_network_blocks_it(monkeypatch):
+    import urllib.request
+
+    attempts = _block_network(monkeypatch)
+    with pytest.raises(OSError, match="network blocked by the test"):
+        urllib.request.urlopen("http://127.0.0.1:9", timeout=1)
+    assert attempts
+
+
+@pytest.mark.slow
+def test_the_offline_data_needs_no_network_and_small_runs_resume(data_dir, tmp_path, monkeypatch, caplog):
+    attempts = _block_network(monkeypatch)
     model_dir = str(tmp_path / "run")
     config = tiny_config(data_dir=data_dir, model_dir=model_dir, epochs=1, steps_per_epoch=2)
-    first = launch(*tiny_flags(config))
-    assert first.returncode == 0, first.stderr[-2000:]
-    second = launch(*tiny_flags(config), "--epochs=2")
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "Resuming from" in second.stderr
+    status, stderr = launch_in_process(*tiny_flags(config))
+    assert status == 0, stderr[-2000:]
+    status, stderr = launch_in_process(*tiny_flags(config), "--epochs=2")
+    assert status == 0, stderr[-2000:]
+    # The one lookup allowed: TensorFlow's PreemptionCheckpointHandler asks whether it runs on Google
+    # Cloud (to watch for maintenance events), and carries on when the answer does not come.
+    assert [args for args in attempts if args[0] != "metadata.google.internal"] == [], attempts
+    assert f"Resuming from {model_dir}/checkpoints/ckpt-2 (step 2, epoch 2)" in caplog.text
     results = read_json(os.path.join(model_dir, "results.json"))
     assert (results["epochs_completed"], results["global_step"]) == (2, 4)
     assert load_weights_file(os.path.join(model_dir, "backbone.weights.h5"))
@@ -181,6 +242,7 @@ def test_the_offline_data_needs_no_network_and_small_runs_resume(data_dir, tmp_p
 IMAGENET_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96_no_top.h5"
 
 
+@pytest.mark.slow
 def test_imagenet_weights_load_from_a_preseeded_keras_cache(data_dir, tmp_path):
     """The real keras.applications path, offline: Keras finds the file in its cache and loads it."""
     import h5py
@@ -209,6 +271,7 @@ def test_imagenet_weights_load_from_a_preseeded_keras_cache(data_dir, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_imagenet_download_failure_says_how_to_preseed_the_cache(data_dir, tmp_path):
     config = tiny_config(
         data_dir=data_dir, model_dir=str(tmp_path / "run"), backbone="mobilenet_v2", alpha=0.35,
@@ -227,6 +290,7 @@ def test_imagenet_download_failure_says_how_to_preseed_the_cache(data_dir, tmp_p
     assert not os.path.exists(tmp_path / "run"), "a failed start wrote into the run dir"
 
 
+@pytest.mark.slow
 def test_export_writes_a_saved_model_that_serves_raw_images_of_any_size(data_dir, pretrained_run, tmp_path):
     import keras
     import tensorflow as tf
@@ -244,9 +308,10 @@ def test_export_writes_a_saved_model_that_serves_raw_images_of_any_size(data_dir
 
 
 def test_export_needs_a_trained_model(data_dir, tmp_path):
-    result = launch(*tiny_flags(tiny_config(data_dir=data_dir, model_dir=str(tmp_path))), "--job=export")
-    assert result.returncode == 2
-    assert f"error: --model_dir={tmp_path}: has no model.keras to export" in result.stderr
+    status, stderr = launch_in_process(*tiny_flags(tiny_config(data_dir=data_dir, model_dir=str(tmp_path))),
+                                       "--job=export")
+    assert status == 2
+    assert stderr == f"error: --model_dir={tmp_path}: has no model.keras to export (train it first)\n"
 
 
 MOCKED_LAUNCH = """
@@ -259,6 +324,7 @@ with tfds.testing.mock_data(num_examples=40):
 """
 
 
+@pytest.mark.slow
 def test_cats_vs_dogs_runs_end_to_end_through_launch_on_mocked_tfds(tmp_path):
     """The tutorials' dataset and 80/10/10 split, offline: TFDS' mock serves random images of random
     sizes (and ignores the percent slicing, so every split holds its 40 examples)."""
@@ -281,6 +347,7 @@ def test_cats_vs_dogs_runs_end_to_end_through_launch_on_mocked_tfds(tmp_path):
     assert results["skipped_examples"] == {"train": 0, "eval": 0, "test": 0}
 
 
+@pytest.mark.slow
 def test_a_folder_dataset_skips_and_counts_a_corrupt_image(tmp_path):
     from test_data import _write_folder
 

@@ -14,8 +14,11 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 
 from helpers import ROOT, launch, tiny_config, tiny_flags
+
+pytestmark = pytest.mark.slow  # Three processes, each a whole training.
 
 
 def free_ports(count):

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import jobs
-from engine.config import ConfigError
-from engine.trainer import make_optimizer
+from engine import assembly
+from errors import ConfigError
+from engine.optimizer import make_optimizer
+from engine.trainer import Stages
 from helpers import load_weights_file, train_run
 from models import trainability
 from models.classifier import BACKBONE_LAYER, build_classifier
@@ -105,6 +106,7 @@ def test_slow_batchnorm_momentum_is_spotted():
     assert trainability.slow_batchnorm_momentum(model, total_steps=1000) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replicas", [1, 2])
 @pytest.mark.parametrize("mode", ["scratch", "frozen", "finetune"])
 def test_training_moves_exactly_what_the_mode_says(tiny, pretrained_run, tmp_path, mode, replicas):
@@ -145,34 +147,36 @@ def test_staged_finetuning_switches_once_and_keeps_the_head_optimizer_state(tiny
     weights = os.path.join(pretrained_run, "backbone.weights.h5")
     config = tiny(mode="finetune", unfreeze=2, head_epochs=1, epochs=2, weights=weights, steps_per_epoch=3,
                   model_dir=str(tmp_path))
-    setup = jobs.build(config)
-    built = list(setup.optimizer.variables)
-    iterator = iter(jobs.train_dataset(setup))
-    head_stage = setup.trainer_for(0)
+    run = assembly.build(config)
+    stages = Stages(run)
+    built = list(run.optimizer.variables)
+    iterator = iter(run.train_dataset())
+    head_stage = stages(0)
     assert trained_paths(head_stage.variables) == ["logits/kernel", "logits/bias"]
     for _ in range(3):
         head_stage.train_steps(iterator, tf.constant(1))
-    assert setup.trainer_for(0) is head_stage
+    assert stages(0) is head_stage
     assert head_stage.train_steps.experimental_get_tracing_count() == 1
-    at_switch = _optimizer_values(setup.optimizer)
+    at_switch = _optimizer_values(run.optimizer)
 
-    full_stage = setup.trainer_for(1)
+    full_stage = stages(1)
     assert full_stage is not head_stage
     assert trained_paths(full_stage.variables) == ["logits/kernel", "logits/bias", "block3_conv/kernel"]
-    assert list(setup.optimizer.variables) == built, "the optimizer was rebuilt at the switch"
-    for path, value in _optimizer_values(setup.optimizer).items():
+    assert list(run.optimizer.variables) == built, "the optimizer was rebuilt at the switch"
+    for path, value in _optimizer_values(run.optimizer).items():
         np.testing.assert_array_equal(value, at_switch[path], err_msg=f"{path} changed at the switch")
     head_slots = [p for p in at_switch if "logits_kernel" in p or "logits/kernel" in p]
     assert head_slots and any(np.any(at_switch[p] != 0) for p in head_slots if "iteration" not in p)
     for _ in range(2):
         full_stage.train_steps(iterator, tf.constant(1))
     assert full_stage.train_steps.experimental_get_tracing_count() == 1
-    after = _optimizer_values(setup.optimizer)
-    assert int(setup.optimizer.iterations.numpy()) == 5
+    after = _optimizer_values(run.optimizer)
+    assert int(run.optimizer.iterations.numpy()) == 5
     conv_slots = [p for p in after if "block3_conv_kernel" in p]
     assert conv_slots and all(np.any(after[p] != 0) for p in conv_slots), "backbone slots never used"
 
 
+@pytest.mark.slow
 def test_a_staged_run_leaves_the_backbone_alone_until_the_switch(tiny, pretrained_run, tmp_path):
     start = os.path.join(pretrained_run, "backbone.weights.h5")
     config = tiny(mode="finetune", unfreeze=2, head_epochs=1, epochs=2, weights=start, steps_per_epoch=3)

@@ -6,11 +6,14 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from engine import jobs
-from engine.trainer import learning_rate_schedule, per_example_loss
-from helpers import replace, train_run
-from models.classifier import BACKBONE_LAYER
+from engine import assembly
+from engine.optimizer import learning_rate_schedule, make_optimizer
+from engine.trainer import Trainer, per_example_loss, summarize
+from helpers import one_device, replace, train_run, two_devices
+from models import trainability
+from models.classifier import BACKBONE_LAYER, build_classifier
 
 
 def read_metrics(model_dir):
@@ -39,6 +42,7 @@ def test_loss_is_softmax_cross_entropy_or_sigmoid_for_one_logit():
     np.testing.assert_array_equal(correct, [0, 0, 1])
 
 
+@pytest.mark.slow
 def test_one_and_two_replicas_train_the_same_weights(tiny, pretrained_run, tmp_path):
     # BatchNorm in inference (finetune keeps it frozen) and no dropout: each example's gradient is then
     # independent of how the global batch is split, so 1 and 2 replicas must agree.
@@ -59,6 +63,7 @@ def test_one_and_two_replicas_train_the_same_weights(tiny, pretrained_run, tmp_p
     assert runs[2]["devices"]["replicas"] == 2
 
 
+@pytest.mark.slow
 def test_steps_per_loop_gives_the_same_weights_as_single_steps(tiny, tmp_path):
     config = tiny(mode="scratch", steps_per_epoch=6, dropout=0.3)
     one = train_run(replace(config, steps_per_loop=1), tmp_path / "one")
@@ -69,18 +74,77 @@ def test_steps_per_loop_gives_the_same_weights_as_single_steps(tiny, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_mixed_float16_scales_the_loss_and_keeps_frozen_weights(tiny, pretrained_run, tmp_path):
     weights = os.path.join(pretrained_run, "backbone.weights.h5")
     config = tiny(mode="finetune", unfreeze=2, weights=weights, precision="mixed_float16", steps_per_epoch=4)
-    setup = jobs.build(replace(config, model_dir=str(tmp_path)))
-    assert isinstance(setup.optimizer, keras.optimizers.LossScaleOptimizer)
-    assert setup.model.get_layer(BACKBONE_LAYER).compute_dtype == "float16"
+    run = assembly.build(replace(config, model_dir=str(tmp_path)))
+    assert isinstance(run.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert run.model.get_layer(BACKBONE_LAYER).compute_dtype == "float16"
 
     results = train_run(config, tmp_path / "run")
     assert results["devices"]["precision"] == "mixed_float16"
     assert np.isfinite(results["train_loss"]) and np.isfinite(results["test_loss"])
     assert results["trainability_audit"]["frozen_changed"] == 0
     assert results["trainability_audit"]["trainable_changed"] == results["trainability_audit"]["trainable_variables"]
+
+
+def _sgd_step_changes(precision, *, gradient_scale=None):
+    """{path: change} of one engine step of plain SGD on a small classifier, under `precision`."""
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(0)
+    model = build_classifier(backbone="small_cnn", image_size=16, channels=1, num_classes=3)
+    variables = trainability.apply(model, mode="scratch")
+    optimizer = make_optimizer(name="sgd", learning_rate=0.1, weight_decay=0.0, precision=precision,
+                               variables=variables)
+    trainer = Trainer(model=model, optimizer=optimizer, strategy=tf.distribute.get_strategy(),
+                      global_batch_size=8, variables=variables)
+    rng = np.random.default_rng(0)
+    data = tf.data.Dataset.from_tensors((rng.integers(0, 256, (8, 16, 16, 1)).astype("uint8"),
+                                         rng.integers(0, 3, 8))).repeat()
+    before = {w.path: w.numpy().astype("float32") for w in variables}
+    trainer.train_steps(iter(data), tf.constant(1))
+    return {w.path: w.numpy().astype("float32") - before[w.path] for w in variables}, optimizer
+
+
+def test_mixed_float16_scales_the_loss_so_updates_match_float32():
+    """Under mixed float16 the loss is scaled up before the float16 backward pass and the gradients
+    scaled back down by the optimizer: without `scale_loss` every update would come out divided by
+    the loss scale (2**15), and small gradients would underflow to 0."""
+    float32, _ = _sgd_step_changes("float32")
+    mixed, optimizer = _sgd_step_changes("mixed_float16")
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    assert float(optimizer.dynamic_scale.numpy()) == 2.0**15, "the step was skipped as non-finite"
+    for path, change in float32.items():  # Float16 rounding moves elements, not the step's direction or size.
+        a, b = change.ravel(), mixed[path].ravel()
+        assert np.linalg.norm(a) > 0, path
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.99, path
+        assert np.linalg.norm(b) / np.linalg.norm(a) == pytest.approx(1.0, abs=0.03), path
+
+
+def test_per_class_accuracy_is_exact_across_replicas_and_padding():
+    """Evaluation's per-class sums (one home for every metric) equal a plain count over Keras'
+    own predictions, for 1 and 2 replicas, with a last batch that needs padding."""
+    from data import pipeline
+
+    keras.utils.set_random_seed(1)
+    model = build_classifier(backbone="small_cnn", image_size=8, channels=1, num_classes=3)
+    rng = np.random.default_rng(2)
+    images, labels = rng.integers(0, 256, (37, 8, 8, 1)).astype("uint8"), rng.integers(0, 3, 37)
+    predicted = np.argmax(model.predict(images, verbose=0), axis=-1)
+    expected = {c: float(np.mean(predicted[labels == c] == c)) for c in range(3)}
+    examples = pipeline.Examples(split=None, dataset=tf.data.Dataset.from_tensor_slices((images, labels)),
+                                 count=37, skipped=0)
+    for strategy in (one_device(), two_devices()):
+        replicas = strategy.num_replicas_in_sync
+        trainer = Trainer(model=model, optimizer=None, strategy=strategy, global_batch_size=8,
+                          variables=model.trainable_variables)
+        dataset = strategy.distribute_datasets_from_function(lambda context: pipeline.eval_dataset(
+            examples, batch_size=context.get_per_replica_batch_size(8), steps=5, local_replicas=replicas))
+        metrics = summarize(trainer.evaluate(dataset), ["a", "b", "c"])
+        assert metrics["examples"] == 37
+        assert metrics["class_accuracy"] == pytest.approx({"abc"[c]: expected[c] for c in range(3)}, abs=1e-12)
+        assert metrics["accuracy"] == pytest.approx(float(np.mean(predicted == labels)), abs=1e-12)
 
 
 def test_learning_rate_schedules():

@@ -1,0 +1,205 @@
+"""The assembly of a run: everything a job drives, built once from a validated config.
+
+    config -> devices (engine/distribute.py) -> source and splits, decoded and cached (data/)
+      -> classifier, its weights and what trains (models/) -> optimizer (engine/optimizer.py)
+      -> run state and checkpoints (engine/checkpoints.py)
+
+Every bad input is refused (ConfigError) before anything is written. The assembled `Run` is immutable;
+what changes while it trains is its `RunState` (the step counter and the epoch's running sums, both
+checkpointed) and the variables themselves.
+"""
+
+import dataclasses
+import os
+import time
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+from data import pipeline, sources
+from engine import distribute
+from engine.checkpoints import Checkpoints
+from engine.optimizer import learning_rate_schedule, make_optimizer
+from errors import ConfigError
+from models import modes, trainability
+from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights
+
+SPLITS = ("train", "eval", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunState:
+    """What a run changes as it trains, besides its variables; checkpointed with them."""
+
+    step: tf.Variable  # Global training steps done.
+    epoch_sums: tf.Variable  # The current epoch's (loss, correct, examples) so far.
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """An assembled run."""
+
+    config: object  # engine.config.Config
+    devices: distribute.Devices
+    source: sources.Source
+    splits: dict  # {"train", "eval", "test": pipeline.Examples, or None for a split not asked for}
+    steps_per_epoch: int
+    model: keras.Model
+    trained_variables: list  # Every variable the run trains, in any stage.
+    optimizer: keras.optimizers.Optimizer
+    state: RunState
+    checkpoints: Checkpoints
+
+    @property
+    def mode(self):
+        return modes.of_run(self.config.mode, self.config.head_epochs)
+
+    @property
+    def worker(self):
+        return pipeline.Worker(self.devices.worker_index, self.devices.num_workers)
+
+    @property
+    def epochs_done(self):
+        return int(self.state.step.numpy()) // self.steps_per_epoch
+
+    def train_dataset(self, examples=None):
+        """The distributed training stream of `examples` (default: the train split), positioned at the
+        checkpointed step."""
+        config, examples = self.config, examples or self.splits["train"]
+        first_epoch, done = divmod(int(self.state.step.numpy()), self.steps_per_epoch)
+        local_replicas = self.devices.num_replicas // self.devices.num_workers
+
+        def dataset_fn(context):
+            self._check_shard(context)
+            return pipeline.train_dataset(
+                examples, batch_size=context.get_per_replica_batch_size(config.batch_size),
+                batches_per_epoch=self.steps_per_epoch * local_replicas, seed=config.seed,
+                epochs=config.epochs, first_epoch=first_epoch, skip_batches=done * local_replicas,
+                augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
+                deterministic=config.deterministic,
+            )
+
+        return self.devices.strategy.distribute_datasets_from_function(dataset_fn)
+
+    def eval_dataset(self, examples):
+        """The distributed evaluation dataset of `examples` (None for None): every example once, with
+        weight-0 padding so every replica and worker runs the same steps."""
+        if examples is None:
+            return None
+        config = self.config
+        steps = pipeline.eval_steps(examples.split, config.batch_size, self.worker)
+        local_replicas = self.devices.num_replicas // self.devices.num_workers
+
+        def dataset_fn(context):
+            self._check_shard(context)
+            return pipeline.eval_dataset(
+                examples, batch_size=context.get_per_replica_batch_size(config.batch_size), steps=steps,
+                local_replicas=local_replicas, deterministic=config.deterministic,
+            )
+
+        return self.devices.strategy.distribute_datasets_from_function(dataset_fn)
+
+    def _check_shard(self, context):
+        worker = self.worker
+        if (context.input_pipeline_id, context.num_input_pipelines) != (worker.index, worker.count):
+            raise RuntimeError(f"input pipeline {context.input_pipeline_id} of {context.num_input_pipelines} "
+                               f"got the examples of worker {worker}")
+
+
+def build(config, *, pretrained=True):
+    """Assembles the run of `config`; raises ConfigError for any bad input before anything is written.
+
+    `pretrained=False` skips loading backbone weights (a checkpoint will replace them anyway).
+    """
+    devices = distribute.configure(config)
+    source = sources.open_source(config)
+    worker = pipeline.Worker(devices.worker_index, devices.num_workers)
+    splits = {name: _prepare(config, source, worker, name) for name in SPLITS}
+    logging.info(
+        "Data: %s, %d classes (%s)", source.name, source.num_classes, ", ".join(source.class_names)
+    )
+    steps_per_epoch = distribute.agree_on_minimum(devices, pipeline.epoch_steps(
+        splits["train"], config.batch_size, devices.num_workers, config.steps_per_epoch
+    ))
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            "batch_size", config.batch_size,
+            f"is larger than --train_split={config.train_split} ({splits['train'].count} examples)",
+        )
+
+    mode, weights = modes.of_run(config.mode, config.head_epochs), config.weights
+    if not mode.pretrained and weights != "none":
+        logging.info("%s mode: the backbone starts from random weights (--weights=%s unused)", mode.name, weights)
+        weights = "none"
+    elif mode.pretrained and weights == "none":
+        logging.warning("--mode=%s with --weights=none: the backbone is random, not pretrained", config.mode)
+    keras.utils.set_random_seed(config.seed)  # Here, after data preparation, which may draw numbers.
+    with devices.strategy.scope():
+        model = build_classifier(
+            backbone=config.backbone, image_size=config.image_size, channels=source.channels,
+            num_classes=source.num_classes, alpha=config.alpha, dropout=config.dropout,
+            weights="imagenet" if pretrained and weights == "imagenet" else None,
+        )
+        if pretrained and weights not in ("imagenet", "none"):
+            load_backbone_weights(model, weights)
+        # The last stage trains the most: the optimizer is built over its variables once.
+        trained = trainability.apply(
+            model, mode=mode.stage(config.epochs - 1, config.head_epochs).name,
+            rule=trainability.Rule.from_config(config), bn=config.bn, bn_momentum=config.bn_momentum,
+        )
+        backbone = {id(weight) for weight in model.get_layer(BACKBONE_LAYER).weights}
+        optimizer = make_optimizer(
+            name=config.optimizer,
+            learning_rate=learning_rate_schedule(
+                learning_rate=config.learning_rate, schedule=config.lr_schedule,
+                warmup_steps=config.warmup_steps, total_steps=steps_per_epoch * config.epochs,
+            ),
+            weight_decay=config.weight_decay, precision=devices.precision, variables=trained,
+            lr_multipliers={id(w): config.backbone_lr_mult for w in trained if id(w) in backbone},
+        )
+    state = RunState(
+        step=tf.Variable(0, dtype=tf.int64, trainable=False, name="step"),
+        epoch_sums=tf.Variable(tf.zeros([3], tf.float64), trainable=False, name="epoch_sums"),
+    )
+    checkpoints = Checkpoints(
+        model=model, optimizer=optimizer, step=state.step, epoch_sums=state.epoch_sums,
+        directory=os.path.join(config.model_dir, "checkpoints"), keep=config.keep_checkpoints,
+        is_chief=devices.is_chief, worker_index=devices.worker_index,
+    )
+    return Run(
+        config=config, devices=devices, source=source, splits=splits, steps_per_epoch=steps_per_epoch,
+        model=model, trained_variables=trained, optimizer=optimizer, state=state, checkpoints=checkpoints,
+    )
+
+
+def _prepare(config, source, worker, name):
+    """This worker's examples of split `name` (train, eval, test), decoded and cached; None for none."""
+    split_name = getattr(config, f"{name}_split")
+    if not split_name:
+        return None
+    split = source.split(split_name, f"{name}_split")
+    started = time.perf_counter()
+    prepared = pipeline.prepare(
+        split, image_size=config.image_size, cache=_cache_dir(config), worker=worker,
+        deterministic=config.deterministic,
+    )
+    if prepared.count == 0:
+        raise ConfigError(f"{name}_split", split_name, "has no image that decodes")
+    logging.info(
+        "%s: %s, %d examples decoded%s in %.1f s%s", name, split_name, prepared.count,
+        "" if config.cache == "none" else " and cached", time.perf_counter() - started,
+        f", {prepared.skipped} undecodable skipped" if prepared.skipped else "",
+    )
+    return prepared
+
+
+def _cache_dir(config):
+    """--cache as pipeline.prepare takes it: memory, none, or a directory that is created if needed."""
+    if config.cache in ("memory", "none"):
+        return config.cache
+    try:
+        os.makedirs(config.cache, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("cache", config.cache, f"cannot be created ({error.strerror})") from None
+    return config.cache

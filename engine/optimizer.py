@@ -1,0 +1,52 @@
+"""The optimizer of a run: Keras 3's own, its learning-rate schedule, weight decay and per-variable
+learning-rate multipliers (discriminative rates)."""
+
+import functools
+
+import keras
+
+import internals
+
+
+def learning_rate_schedule(*, learning_rate, schedule, warmup_steps, total_steps):
+    """Keras' own CosineDecay: to 0 over the run for "cosine"; for "constant", its alpha=1 form (no
+    decay), which still gives the linear warm-up."""
+    if schedule == "constant" and not warmup_steps:
+        return learning_rate
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup_steps else learning_rate,
+        decay_steps=max(total_steps - warmup_steps, 1),
+        alpha=1.0 if schedule == "constant" else 0.0,
+        warmup_target=learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+
+
+def make_optimizer(*, name, learning_rate, weight_decay, precision, variables, lr_multipliers=None):
+    """A Keras 3 optimizer built over `variables`: every variable that will ever train in this run, so
+    a staged run's later stages keep the optimizer state of earlier ones.
+
+    Weight decay (if any) skips biases and BatchNorm parameters. `lr_multipliers` maps variables (by
+    identity) to learning-rate multipliers, which scale their weight decay too (see
+    internals.scale_learning_rates). Call inside `strategy.scope()`, before any step is traced: a
+    Keras 3 optimizer built lazily inside a replicated step fails.
+    """
+    classes = {
+        "adam": keras.optimizers.Adam,
+        "sgd": functools.partial(keras.optimizers.SGD, momentum=0.9),
+        "rmsprop": keras.optimizers.RMSprop,
+        "adamw": keras.optimizers.AdamW,
+    }
+    optimizer = classes[name](
+        learning_rate=learning_rate,
+        weight_decay=weight_decay if (weight_decay or name == "adamw") else None,
+    )
+    if weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    inner = optimizer
+    if precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(variables)
+    if lr_multipliers and any(value != 1.0 for value in lr_multipliers.values()):
+        internals.scale_learning_rates(inner, variables, lr_multipliers)
+    return optimizer

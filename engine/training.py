@@ -1,0 +1,118 @@
+"""`--job=train`: assemble the run, resume it, train it to the end of `--epochs`, and write what it
+leaves (model.keras, backbone.weights.h5, results.json) in `--model_dir`."""
+
+import os
+import time
+
+from absl import logging
+
+from engine import assembly, feature_cache, loop
+from engine.run_dir import RunDir
+from engine.trainer import Stages, summarize
+from models import trainability
+from models.classifier import BACKBONE_LAYER
+
+
+def evaluate_split(run, trainer, examples):
+    """Exact loss, accuracy and per-class accuracy over every example of `examples` that decoded (None
+    for no examples): the distributed evaluation of engine/trainer.py."""
+    dataset = run.eval_dataset(examples)
+    return summarize(trainer.evaluate(dataset), run.source.class_names) if dataset else None
+
+
+def train(config, *, progress_label=""):
+    """Trains (or resumes) a run in --model_dir and writes its results."""
+    started = time.time()
+    run = assembly.build(config)
+    # Other workers write what the chief writes to a directory of their own (TensorFlow's convention).
+    run_dir = RunDir(config.model_dir if run.devices.is_chief else
+                     os.path.join(config.model_dir, f"workertemp_{run.devices.worker_index}"))
+    run_dir.check_compatible(config)
+    restored = run.checkpoints.restore()
+    run_dir.start(config)
+    splits, features = run.splits, None
+    why_not = feature_cache.reason_not_to_cache(config)
+    if why_not is None:
+        features = feature_cache.build(run)
+        splits = features.splits
+    elif run.mode.feature_cache and config.feature_cache == "auto":
+        logging.info("Feature cache off: %s", why_not)
+    stages = Stages(run, step_model=features.head if features else None)
+    if restored:
+        logging.info("Resuming from %s (step %d, epoch %d)", restored, int(run.state.step.numpy()),
+                     run.epochs_done + 1)
+    run_dir.keep_metrics_until(run.epochs_done)
+    run.checkpoints.watch_preemption(run.devices.cluster_resolver)
+    logging.info(
+        "What trains (mode %s%s):\n%s", config.mode,
+        f", the head alone for the first {config.head_epochs} epochs" if config.head_epochs else "",
+        trainability.format_table(trainability.parameter_table(run.model, run.trained_variables)),
+    )
+    total_steps = run.steps_per_epoch * config.epochs
+    slow = trainability.slow_batchnorm_momentum(run.model, total_steps)
+    if slow:
+        logging.warning(
+            "BatchNorm momentum %g averages its statistics over ~%d steps, but this run has %d: "
+            "evaluation will lag training (consider --bn_momentum=0.99)",
+            slow, round(1 / (1 - slow)), total_steps,
+        )
+
+    before = trainability.snapshot(run.model)
+    last, throughput = loop.train_epochs(
+        schedule=loop.Schedule.of(config, run.steps_per_epoch), stages=stages, state=run.state,
+        train_dataset=run.train_dataset(splits["train"]), eval_dataset=run.eval_dataset(splits["eval"]),
+        checkpoints=run.checkpoints, record_epoch=run_dir.record_epoch, progress_label=progress_label,
+    )
+    if not last:  # Nothing left to train: report the last checkpointed epoch.
+        last = run_dir.last_metrics()
+    test = evaluate_split(run, stages(run.epochs_done - 1), splits["test"])
+
+    run.model.save(run_dir.file("model.keras"))
+    run.model.get_layer(BACKBONE_LAYER).save_weights(run_dir.file("backbone.weights.h5"))
+    trainable, frozen = trainability.parameter_counts(run.model, run.trained_variables)
+    results = {
+        "job": "train",
+        "mode": config.mode,
+        "backbone": config.backbone,
+        "dataset": config.dataset,
+        "class_names": list(run.source.class_names),
+        "global_step": int(run.state.step.numpy()),
+        "epochs_completed": run.epochs_done,
+        "trainable_params": trainable,
+        "non_trainable_params": frozen,
+        "train_loss": last["train_loss"],
+        "train_accuracy": last["train_accuracy"],
+        "eval_loss": last["eval_loss"],
+        "eval_accuracy": last["eval_accuracy"],
+        "test_loss": test["loss"] if test else None,
+        "test_accuracy": test["accuracy"] if test else None,
+        "test_examples": test["examples"] if test else None,
+        "test_class_accuracy": test["class_accuracy"] if test else None,
+        "images_per_sec": throughput.images_per_sec,
+        "feature_cache": features.report if features else None,
+        "skipped_examples": {name: examples.skipped for name, examples in run.splits.items() if examples},
+        "devices": describe(run.devices),
+        "trainability_audit": trainability.audit(run.model, before, run.trained_variables),
+        "wall_seconds": time.time() - started,
+    }
+    run_dir.write_json("results.json", results)
+    logging.info(
+        "Done: test accuracy %s, eval accuracy %s, %s images/sec; results in %s",
+        fmt(results["test_accuracy"]), fmt(results["eval_accuracy"]),
+        fmt(results["images_per_sec"], ".0f"), run_dir.file("results.json"),
+    )
+    return results
+
+
+def describe(devices):
+    return {
+        "kind": devices.kind,
+        "replicas": devices.num_replicas,
+        "strategy": devices.strategy_name,
+        "precision": devices.precision,
+        "jit_compile": devices.jit_compile,
+    }
+
+
+def fmt(value, spec=".4f"):
+    return "-" if value is None else format(value, spec)

@@ -1,0 +1,210 @@
+"""The one door to library internals: everything this project relies on that Keras, TensorFlow or
+TensorFlow Datasets do not promise to keep (private methods, instance patches, error texts,
+`tensorflow.python`).
+
+Checked against the versions in CHECKED; `check_versions` refuses another major version with one line
+(launch.py calls it first), so an upgrade fails here, plainly, not deep inside a run. After upgrading
+any of them, `python -m pytest -q tests/test_internals.py` checks every function below against the
+installed versions.
+"""
+
+import contextlib
+import re
+import urllib.error
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorflow.python.framework import ops as tf_ops  # Per-op FLOP counts: no public API has them.
+from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
+from errors import UnsupportedLibrary, first_line
+
+CHECKED = {"keras": "3.15.1", "tensorflow": "2.21.0", "tensorflow_datasets": "4.9.10"}
+_INSTALLED = {"keras": keras.__version__, "tensorflow": tf.__version__, "tensorflow_datasets": tfds.__version__}
+
+
+def check_versions(installed=_INSTALLED):
+    """Raises UnsupportedLibrary if a library's major version is not the one checked."""
+    for name, checked in CHECKED.items():
+        version = installed[name]
+        if version.split(".")[0] != checked.split(".")[0]:
+            major = checked.split(".")[0]
+            raise UnsupportedLibrary(
+                f"{name} {version} is installed, but this engine was checked against {name} {checked} "
+                f"only: install {name} {major}.x (pip install '{name}>={major},<{int(major) + 1}')"
+            )
+
+
+# --- Keras optimizers: per-variable learning rates -------------------------------------------------
+# Relies on: `Optimizer._get_variable_index` (private), the per-variable `update_step(gradient,
+# variable, learning_rate)` being looked up on the instance, and `_apply_weight_decay(variables)`
+# (private) reading `optimizer.weight_decay` when it runs (traces).
+
+
+def scale_learning_rates(optimizer, variables, multipliers):
+    """Makes a Keras 3 optimizer, built over `variables`, multiply its learning rate per variable,
+    weight decay included.
+
+    `multipliers` maps a variable's id to its multiplier (absent: 1). Keras 3 optimizers take one
+    learning rate; a parameter group's rate belongs in the per-variable `update_step`, so the
+    instance's `update_step` is wrapped there. Decoupled weight decay moves a variable by
+    `learning_rate * weight_decay * variable`, so it follows the variable's rate too (as in timm's
+    per-group rates and PyTorch's AdamW): a backbone at a tenth of the rate also decays at a tenth.
+    """
+    by_index = {optimizer._get_variable_index(variable): multipliers.get(id(variable), 1.0) for variable in variables}
+
+    def multiplier(variable):
+        return by_index[optimizer._get_variable_index(variable)]
+
+    update_step = optimizer.update_step
+
+    def scaled_update_step(gradient, variable, learning_rate):
+        scale = multiplier(variable)
+        return update_step(gradient, variable, learning_rate * scale if scale != 1.0 else learning_rate)
+
+    apply_weight_decay = optimizer._apply_weight_decay
+
+    def scaled_apply_weight_decay(variables):
+        base = optimizer.weight_decay
+        if base is None:
+            return apply_weight_decay(variables)
+        groups = {}
+        for variable in variables:
+            groups.setdefault(multiplier(variable), []).append(variable)
+        try:
+            for scale, group in groups.items():
+                optimizer.weight_decay = base * scale
+                apply_weight_decay(group)
+        finally:
+            optimizer.weight_decay = base
+
+    optimizer.update_step = scaled_update_step
+    optimizer._apply_weight_decay = scaled_apply_weight_decay
+
+
+# --- Keras BatchNormalization: the fused kernel in training mode -----------------------------------
+# Relies on: `Layer.__call__` dispatching to the instance's `call` attribute, and BatchNormalization's
+# attributes (moving_mean, moving_variance, gamma, beta, momentum, epsilon, axis, center, scale,
+# renorm, synchronized) meaning what they mean in Keras 3.15.
+
+_BN = keras.layers.BatchNormalization
+_FUSED_MIN_EPSILON = 1.001e-5  # FusedBatchNormV3 raises smaller epsilons to this; keep Keras' there.
+
+
+def _fused_batch_norm_call(layer, keras_call):
+    """`layer.call` that computes a training-mode BatchNorm with the fused kernel, with Keras 3's
+    semantics (biased batch variance in the moving average, float32 math, momentum); every other case
+    (inference, masks, renorm, synchronized, other axes or ranks) goes to Keras' own call."""
+
+    def call(inputs, training=None, mask=None):
+        usable = (
+            training and layer.trainable and mask is None and not layer.renorm
+            and not getattr(layer, "synchronized", False) and len(inputs.shape) == 4
+            and layer.axis in (-1, 3) and layer.epsilon >= _FUSED_MIN_EPSILON
+        )
+        if not usable:
+            return keras_call(inputs, training=training, mask=mask)
+        inputs = tf.cast(inputs, "float32")
+        channels = inputs.shape[-1]
+        scale = tf.cast(layer.gamma, "float32") if layer.scale else tf.ones([channels])
+        offset = tf.cast(layer.beta, "float32") if layer.center else tf.zeros([channels])
+        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs, scale, offset, epsilon=layer.epsilon, is_training=True
+        )
+        # The kernel returns the unbiased variance; Keras' moving average uses the biased one.
+        count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), "float32")
+        variance = variance * (count - 1.0) / tf.maximum(count, 1.0)
+        momentum = layer.momentum
+        layer.moving_mean.assign(tf.cast(layer.moving_mean, "float32") * momentum + mean * (1.0 - momentum))
+        layer.moving_variance.assign(
+            tf.cast(layer.moving_variance, "float32") * momentum + variance * (1.0 - momentum)
+        )
+        return tf.cast(outputs, layer.compute_dtype)
+
+    return call
+
+
+@contextlib.contextmanager
+def fused_batch_norm(layers):
+    """While a step traces (enter it in the cross-replica part, around `strategy.run`), every one of
+    `layers` whose class is exactly `keras.layers.BatchNormalization` computes training mode with the
+    fused kernel (a subclass, which may compute something else, keeps its own call). Instance
+    attributes, so nothing outside the trace (another model, `fit`, a saved model) sees it."""
+    layers = [layer for layer in layers if type(layer) is _BN]
+    for layer in layers:
+        layer.call = _fused_batch_norm_call(layer, _BN.call.__get__(layer))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.call
+
+
+# --- TensorFlow: FLOPs per op ------------------------------------------------------------------------
+# Relies on: `tensorflow.python.framework.ops.get_stats_for_node_def`, the registry behind
+# tf.compat.v1.profiler's float_operation counts.
+
+
+def op_flops(graph, op):
+    """Floating-point operations of one op of a traced graph (0 where TensorFlow registers none)."""
+    if op.type.startswith("DepthwiseConv2dNativeBackprop"):  # Unregistered: as many as the forward op.
+        kernel = tf.get_static_value(op.inputs[1]) if op.type.endswith("Filter") else op.inputs[1].shape
+        return 2 * int(np.prod(op.inputs[2].shape)) * int(kernel[0]) * int(kernel[1])
+    try:
+        return tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value or 0
+    except ValueError:  # An op with unknown shapes: not a convolution or matmul of this model.
+        return 0
+
+
+# --- What Keras and TFDS errors mean -----------------------------------------------------------------
+# Relies on: their error classes, chaining and texts, as quoted in each function.
+
+
+def weights_mismatch(error):
+    """The one informative sentence out of Keras' multi-line weight-loading errors."""
+    text = str(error)
+    shapes = re.search(r"variable\.shape=(\(.*?\)), Received: value\.shape=(\(.*?\))", text)
+    layer = re.search(r"object <\w+ name=([^,>]+)", text)
+    if shapes and layer:
+        return f"layer {layer.group(1)} expects shape {shapes.group(1)}, the file has {shapes.group(2)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("A total of"):
+        return lines[1]
+    return first_line(error)
+
+
+def is_partial_load_warning(warning):
+    """Whether a warning caught while loading weights is Keras saying it loaded only some of them."""
+    return issubclass(warning.category, UserWarning) and "saving" in warning.filename
+
+
+def is_download_failure(error):
+    """Whether `keras.utils.get_file` (keras.applications' weights) failed to fetch or store a file.
+    It raises a bare `Exception("URL fetch failure on ...")` from the URLError it caught, and a
+    ValueError when the downloaded file's hash does not match."""
+    if isinstance(error, OSError) or isinstance(error.__context__, urllib.error.URLError):
+        return True
+    return isinstance(error, ValueError) and "Incomplete or corrupted file detected" in str(error)
+
+
+def is_empty_selection(error):
+    """Whether a TFDS split error says the split string selects no example (`train[:0]`)."""
+    return isinstance(error, ValueError) and "corresponds to no data" in str(error)
+
+
+def is_prepare_failure(error):
+    """Whether `builder.download_and_prepare` failed for want of its files: network, checksums, or a
+    manual download missing (TFDS raises AssertionError("Manual directory ... does not exist ..."))."""
+    if isinstance(error, (OSError, tfds.download.DownloadError, NonMatchingChecksumError)):
+        return True
+    return isinstance(error, AssertionError) and str(error).startswith("Manual directory")
+
+
+def split_slices(split, num_examples):
+    """The example ranges a TFDS split string (`train[:80%]`, `train[:10]+train[-5:]`) selects of one
+    split named `train` of `num_examples` examples, by TFDS' own rules (ValueError if it names another
+    split). Relies on the `from_` and `to` of TFDS' absolute read instructions."""
+    splits = tfds.core.SplitDict([tfds.core.SplitInfo(name="train", shard_lengths=[num_examples], num_bytes=0)])
+    return [slice(part.from_, part.to) for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)]

@@ -21,7 +21,7 @@ BN_POLICIES = ("frozen", "train")
 AUGMENTATIONS = ("none", "flip", "flip_crop")
 OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
-STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker", "tpu")
+STRATEGIES = ("auto", "default", "mirrored", "one_device", "multi_worker", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 AUTO_TRUE_FALSE = ("auto", "true", "false")
 NO_RULE = {"unfreeze": 0, "unfreeze_from": "", "trainable_regex": ""}
@@ -135,8 +135,8 @@ class Config:
     # Devices.
     strategy: str = _option(
         "auto",
-        "auto: MirroredStrategy over all GPUs, else one device; multi_worker: "
-        "MultiWorkerMirroredStrategy from TF_CONFIG; tpu: TPUStrategy.",
+        "auto: MirroredStrategy over several GPUs, OneDeviceStrategy on one, the default strategy (no "
+        "distribution) on CPU; multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG; tpu: TPUStrategy.",
         choices=STRATEGIES,
     )
     tpu: str = _option("", "--strategy=tpu: the TPU's name or grpc:// address ('' : TPU_NAME or local).")
@@ -286,7 +286,7 @@ def validate(config):
         raise ConfigError("train_split", "", "must name a split")
     if not config.model_dir:
         raise ConfigError("model_dir", "", f"--job={config.job} needs a run directory")
-    if config.strategy in ("one_device", "multi_worker", "tpu") and config.cpu_replicas > 1:
+    if config.strategy in ("default", "one_device", "multi_worker", "tpu") and config.cpu_replicas > 1:
         raise ConfigError(
             "cpu_replicas", config.cpu_replicas, f"needs --strategy=mirrored or auto, not {config.strategy}"
         )

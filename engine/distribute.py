@@ -2,9 +2,12 @@
 engine's steps call the model (engine/compiled_forward.py).
 
 `auto` picks what was measured fastest on each kind of device (figures in README.md): on GPUs,
-MirroredStrategy, mixed float16 (compute capability >= 7.0) and XLA on the per-replica step; on CPU,
-float32 without XLA (both measured slower there), fused BatchNorm and frozen weights as graph constants
-(both measured faster there; on GPUs, XLA already fuses that work).
+MirroredStrategy over several (OneDeviceStrategy on one: its input iterator prefetches batches onto the
+GPU), mixed float16 (compute capability >= 7.0) and XLA on the per-replica step; on one CPU, the default
+strategy (no distribution: never slower than OneDeviceStrategy where measured), float32 without XLA
+(both measured slower there), fused BatchNorm and frozen weights as graph constants (both measured
+faster there; on GPUs, XLA already fuses that work). Every path runs the same code: the default
+strategy implements `run`, `reduce` and `distribute_datasets_from_function` for one replica.
 """
 
 import dataclasses
@@ -19,6 +22,7 @@ from errors import ConfigError, first_line
 
 
 API_NAMES = {
+    "default": "the default strategy (no distribution)",
     "mirrored": "MirroredStrategy",
     "one_device": "OneDeviceStrategy",
     "multi_worker": "MultiWorkerMirroredStrategy",
@@ -114,7 +118,7 @@ def configure(config):
     resolver, num_workers, worker_index, is_chief = None, 1, 0, True
     strategy_name = config.strategy
     if strategy_name == "auto":
-        strategy_name = "mirrored" if len(devices) > 1 else "one_device"
+        strategy_name = "mirrored" if len(devices) > 1 else "one_device" if kind == "GPU" else "default"
     if strategy_name in ("multi_worker", "tpu"):
         strategy, resolver, num_workers, worker_index, is_chief = _cluster(config)
         kind = "TPU" if strategy_name == "tpu" else kind
@@ -123,8 +127,10 @@ def configure(config):
         # instance keys clash when one process creates several strategies, as the tests do.)
         cross_device_ops = tf.distribute.ReductionToOneDevice() if kind == "CPU" else None
         strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
-    else:
+    elif strategy_name == "one_device":
         strategy = tf.distribute.OneDeviceStrategy(devices[0])
+    else:
+        strategy = tf.distribute.get_strategy()
 
     precision = config.precision
     if precision == "auto":

@@ -73,6 +73,11 @@ def replace(config, **changes):
     return validate(dataclasses.replace(config, **changes))
 
 
+def default_strategy():
+    """No distribution: what --strategy=auto runs on one CPU."""
+    return tf.distribute.get_strategy()
+
+
 def one_device():
     return tf.distribute.OneDeviceStrategy("/cpu:0")
 

@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from data import fashion_mnist_idx, pipeline, sources
 from errors import ConfigError
-from helpers import one_device, two_devices
+from helpers import default_strategy, one_device, two_devices
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def _digest(image):
     return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
 
 
-@pytest.mark.parametrize("strategy_fn", [one_device, two_devices])
+@pytest.mark.parametrize("strategy_fn", [default_strategy, one_device, two_devices])
 @pytest.mark.parametrize("global_batch", [6, 8])
 def test_evaluation_sees_every_example_exactly_once(subset, strategy_fn, global_batch):
     split = subset.split("test[:151]", "eval_split")  # 50 examples after the subset: neither batch divides it.

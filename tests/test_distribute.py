@@ -9,13 +9,19 @@ from errors import ConfigError
 from helpers import tiny_config
 
 
-def test_one_cpu_replica_uses_one_device_float32_without_xla():
+def test_one_cpu_replica_uses_the_default_strategy_float32_without_xla():
     devices = distribute.configure(tiny_config(cpu_replicas=1))
-    assert isinstance(devices.strategy, tf.distribute.OneDeviceStrategy)
+    assert devices.strategy is tf.distribute.get_strategy()
+    assert devices.strategy_name == "the default strategy (no distribution)"
     assert (devices.kind, devices.num_replicas, devices.precision, devices.jit_compile) == (
         "CPU", 1, "float32", False
     )
     assert devices.fused_batchnorm and devices.frozen_as_constants  # Measured faster on CPU.
+
+
+def test_one_device_strategy_is_still_there_to_choose():
+    devices = distribute.configure(tiny_config(strategy="one_device"))
+    assert isinstance(devices.strategy, tf.distribute.OneDeviceStrategy) and devices.num_replicas == 1
 
 
 def test_fused_batchnorm_can_be_switched_off():

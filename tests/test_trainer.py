@@ -11,7 +11,7 @@ import tensorflow as tf
 from engine import assembly
 from engine.optimizer import learning_rate_schedule, make_optimizer
 from engine.trainer import Trainer, per_example_loss, summarize
-from helpers import one_device, replace, train_run, two_devices
+from helpers import default_strategy, one_device, replace, train_run, two_devices
 from models import trainability
 from models.classifier import BACKBONE_LAYER, build_classifier
 
@@ -135,7 +135,7 @@ def test_per_class_accuracy_is_exact_across_replicas_and_padding():
     expected = {c: float(np.mean(predicted[labels == c] == c)) for c in range(3)}
     examples = pipeline.Examples(split=None, dataset=tf.data.Dataset.from_tensor_slices((images, labels)),
                                  count=37, skipped=0)
-    for strategy in (one_device(), two_devices()):
+    for strategy in (default_strategy(), one_device(), two_devices()):
         replicas = strategy.num_replicas_in_sync
         trainer = Trainer(model=model, optimizer=None, strategy=strategy, global_batch_size=8,
                           variables=model.trainable_variables)

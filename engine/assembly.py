@@ -82,19 +82,20 @@ class Run:
 
         return self.devices.strategy.distribute_datasets_from_function(dataset_fn)
 
-    def eval_dataset(self, examples):
-        """The distributed evaluation dataset of `examples` (None for None): every example once, with
-        weight-0 padding so every replica and worker runs the same steps."""
+    def eval_dataset(self, examples, batch_size=None):
+        """The distributed evaluation dataset of `examples` (None for None) in global batches of
+        `batch_size` (default --batch_size): every example once, with weight-0 padding so every replica
+        and worker runs the same steps."""
         if examples is None:
             return None
-        config = self.config
-        steps = pipeline.eval_steps(examples.split, config.batch_size, self.worker)
+        config, batch_size = self.config, batch_size or self.config.batch_size
+        steps = pipeline.eval_steps(examples.split, batch_size, self.worker)
         local_replicas = self.devices.num_replicas // self.devices.num_workers
 
         def dataset_fn(context):
             self._check_shard(context)
             return pipeline.eval_dataset(
-                examples, batch_size=context.get_per_replica_batch_size(config.batch_size), steps=steps,
+                examples, batch_size=context.get_per_replica_batch_size(batch_size), steps=steps,
                 local_replicas=local_replicas, deterministic=config.deterministic,
             )
 

@@ -193,7 +193,7 @@ def mode_rates(run, trainer):
 def cached_rate(run):
     """A mode on cached features: (head-training images/sec, extraction seconds)."""
     features = feature_cache.build(run)
-    trainer = Stages(run, step_model=features.head)(0)
+    trainer = Stages(run, step_model=features.upper)(0)
     window = _window(trainer, iter(run.train_dataset(features.splits["train"])), CACHED_WINDOW_STEPS, run.config)
     return median_rate(window), features.report["seconds"]
 

@@ -115,9 +115,16 @@ class Config:
     )
     feature_cache: str = _option(
         "auto",
-        "auto: in frozen mode without augmentation, run the backbone once per example and train the "
-        "head on the cached features (exact, many times faster); off: always run the backbone.",
+        "auto: without augmentation, run the frozen part of the model (below the lowest layer that trains) "
+        "once per example and train the rest on its cached output (frozen, finetune, staged; exact, many "
+        "times faster); off: always run the whole model.",
         choices=("auto", "off"),
+    )
+    feature_cache_max_gb: float = _option(
+        None,
+        "Largest feature cache kept in memory (default: a quarter of this machine's memory); a larger one "
+        "goes to files under --cache when that is a directory, else the run trains without it.",
+        kind=float,
     )
     # Optimisation.
     batch_size: int = _option(32, "Global batch size, split evenly across replicas.")
@@ -233,6 +240,8 @@ def validate(config):
         raise ConfigError("bn_momentum", config.bn_momentum, "must be in [0, 1)")
     if config.weight_decay < 0:
         raise ConfigError("weight_decay", config.weight_decay, "must not be negative")
+    if config.feature_cache_max_gb is not None and config.feature_cache_max_gb <= 0:
+        raise ConfigError("feature_cache_max_gb", config.feature_cache_max_gb, "must be positive")
     if config.shuffle_buffer < 0:
         raise ConfigError("shuffle_buffer", config.shuffle_buffer, "must not be negative")
     if not config.cache:

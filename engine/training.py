@@ -37,7 +37,7 @@ def train(config, *, progress_label=""):
         splits = features.splits
     elif run.mode.feature_cache and config.feature_cache == "auto":
         logging.info("Feature cache off: %s", why_not)
-    stages = Stages(run, step_model=features.head if features else None)
+    stages = Stages(run, step_model=features.upper if features else None)
     if restored:
         logging.info("Resuming from %s (step %d, epoch %d)", restored, int(run.state.step.numpy()),
                      run.epochs_done + 1)

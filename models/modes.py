@@ -28,8 +28,8 @@ class Mode:
     backbone_trains: str  # ALL, NONE or RULE.
     batchnorm_trains: str  # ALWAYS, NEVER or BY_FLAG.
     head_first: bool = False  # Staged: the frozen mode for the first --head_epochs epochs.
-    # The backbone never changes and, without augmentation, neither do its inputs: its output per
-    # example can be computed once (engine/feature_cache.py).
+    # The layers below the lowest one that trains never change and, without augmentation, neither do
+    # their inputs: their output per example can be computed once (engine/feature_cache.py).
     feature_cache: bool = False
 
     def stage(self, epoch, head_epochs):
@@ -43,9 +43,10 @@ MODES = {
         Mode("scratch", "scratch", pretrained=False, backbone_trains=ALL, batchnorm_trains=ALWAYS),
         Mode("frozen", "frozen", pretrained=True, backbone_trains=NONE, batchnorm_trains=NEVER,
              feature_cache=True),
-        Mode("finetune", "finetune", pretrained=True, backbone_trains=RULE, batchnorm_trains=BY_FLAG),
+        Mode("finetune", "finetune", pretrained=True, backbone_trains=RULE, batchnorm_trains=BY_FLAG,
+             feature_cache=True),
         Mode("staged", "finetune", pretrained=True, backbone_trains=RULE, batchnorm_trains=BY_FLAG,
-             head_first=True),
+             head_first=True, feature_cache=True),
     )
 }
 FLAG_VALUES = tuple(dict.fromkeys(mode.flag for mode in MODES.values()))  # What --mode accepts.

@@ -34,7 +34,8 @@ def train(config, *, progress_label=""):
     why_not = feature_cache.reason_not_to_cache(config)
     if why_not is None:
         features = feature_cache.build(run)
-        splits = features.splits
+        if features:
+            splits = features.splits
     elif run.mode.feature_cache and config.feature_cache == "auto":
         logging.info("Feature cache off: %s", why_not)
     stages = Stages(run, step_model=features.upper if features else None)

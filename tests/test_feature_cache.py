@@ -65,6 +65,16 @@ def test_augmentation_turns_the_cache_off_and_says_why(tiny, pretrained_run, tmp
     assert train_run(config, tmp_path)["feature_cache"] is None
 
 
+def test_a_finetune_run_that_trains_the_first_layer_trains_live_and_says_why(tiny, pretrained_run, tmp_path, caplog):
+    caplog.set_level("INFO", logger="absl")
+    config = tiny(mode="finetune", unfreeze=6, weights=pretrained_run, steps_per_epoch=2)
+    assert feature_cache.reason_not_to_cache(config) is None  # Only the model can tell: no cut exists.
+    results = train_run(config, tmp_path)
+    assert results["feature_cache"] is None
+    assert "Feature cache off: the lowest layer that trains is the backbone's first" in caplog.text
+    assert results["global_step"] == 2 and results["trainability_audit"]["frozen_changed"] == 0
+
+
 def residual_backbone(trains=(), dropout_after=None):
     """input -> c1 -> c2 -> c3 -> add(c1, c3) -> c4 -> c5: a residual block whose skip starts at c1.
     `trains` names the convolutions that train; `dropout_after` puts a Dropout after that layer."""

@@ -1,12 +1,19 @@
 """`--job=benchmark`: throughput measured in one process, printed as a markdown table and written to
 `model_dir/benchmark.json`.
 
-Per mode (scratch, frozen, finetune with the flags' rule), on the same backbone, data and global batch:
-the engine's training images/sec against Keras `model.fit` on the same model (the tutorials' way),
-timed in alternating windows so machine noise hits both; frozen mode with the feature cache; the input
-pipeline alone against the tutorials' naive one; FLOPs per training image and the GFLOP/s reached,
-beside the float32 matmul GFLOP/s of this machine. Every figure is the median of several windows
-after warm-up and tracing; comparisons are ratios of figures from this one run.
+The anchor is plain Keras `model.fit` as the tutorials write it: a keras.applications model of the same
+architecture (same weights, the same layers train), no strategy scope, Keras' default `jit_compile`,
+the tutorials' input pipeline (`map` to decode, resize and scale, `shuffle`, `batch`, `prefetch`), the
+same batch, optimizer and images. Per mode (scratch, frozen, finetune with the flags' rule), the
+engine's training images/sec (live: every layer runs) against it and, to explain the difference,
+against `fit` on the engine's own model and input stream; then, for the modes with a feature cache,
+the cache's one-time extraction and its training on cached activations, as the time of 10 epochs
+against plain `fit`'s; a ResNet50 scratch row; the input pipeline alone; FLOPs per training image and
+the GFLOP/s reached, beside the float32 matmul GFLOP/s of this machine.
+
+Every rate is the median of WINDOWS windows after warm-up and tracing, the sides of a comparison
+timed in turn (window i of each, then window i + 1 of each), so a slow spell of the shared machine hits
+all of them. Each ratio is the median of the windows' ratios, with their min and max.
 """
 
 import json
@@ -27,20 +34,36 @@ from engine.optimizer import make_optimizer
 from engine.trainer import Stages, per_example_loss
 from errors import ConfigError
 from models import modes
+from models.backbones import BACKBONES
+from models.classifier import BACKBONE_LAYER
 
 WINDOWS = 5
-WINDOW_STEPS = 20  # Training steps per timed window (engine and fit alike).
-CACHED_WINDOW_STEPS = 200  # Head-only steps on cached features are much shorter: more of them per window.
-FIT_WARMUP_STEPS = 2  # Left out of each fit window: the first call traces, later ones restart.
+WINDOW_STEPS = 10  # Training steps per timed window (engine and fit alike).
+CACHED_WINDOW_STEPS = 100  # Steps on cached activations are much shorter: more of them per window.
+EXTRACTION_WINDOW_BATCHES = 3  # Extraction batches (each feature_cache.EXTRACTION_BATCHES training batches).
+FIT_WARMUP_STEPS = 2  # Left out of each fit window: the first call traces, every call restarts its input.
+TUTORIAL_SHUFFLE = 1000  # The tutorials' shuffle buffer.
 MODES = tuple(name for name, mode in modes.MODES.items() if not mode.head_first)  # Each a row, scratch first.
-CACHED_MODES = tuple(name for name in MODES if modes.MODES[name].feature_cache)  # And a row on features.
-EPOCHS = 10  # The run length over which the feature cache's one-time extraction is amortised.
+CACHED_MODES = tuple(name for name in MODES if modes.MODES[name].feature_cache)  # And a row on activations.
+EPOCHS = 10  # The run length over which a feature cache's one-time extraction is amortised.
 STREAM_EPOCHS = 1000
+HEAVY_BACKBONE = "resnet50"  # A scratch row of a backbone with more arithmetic per byte.
+HEAVY_WINDOW_STEPS = 2
 
 
-def median_rate(measure, windows=WINDOWS):
-    """The median of `windows` calls of `measure()` (each returns images/sec)."""
-    return statistics.median(measure() for _ in range(windows))
+def windows(*measures, count=None):
+    """Calls each of `measures` (each returns images/sec) in turn, `count` times (default WINDOWS):
+    a list of rates per measure."""
+    rates = [[] for _ in measures]
+    for _ in range(count or WINDOWS):
+        for rate, measure in zip(rates, measures):
+            rate.append(measure())
+    return rates
+
+
+def ratio(values):
+    """{median, min, max} of per-window ratios."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def pipeline_rates(config, split, *, batches=100):
@@ -58,14 +81,12 @@ def pipeline_rates(config, split, *, batches=100):
             seed=config.seed, epochs=1, augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
             deterministic=config.deterministic,
         )
-        rows[f"pipeline, cache {cache}"] = {
-            "images_per_sec": median_rate(lambda: pipeline.images_per_sec(stream, batches=batches)),
-            "first_pass_seconds": prepare_seconds,
-        }
+        (rates,) = windows(lambda: pipeline.images_per_sec(stream, batches=batches))
+        rows[f"pipeline, cache {cache}"] = {"images_per_sec": statistics.median(rates),
+                                            "first_pass_seconds": prepare_seconds}
     naive = pipeline.naive_dataset(split, image_size=config.image_size, batch_size=config.batch_size)
-    rows["pipeline, naive (tutorials)"] = {
-        "images_per_sec": median_rate(lambda: pipeline.images_per_sec(naive, batches=batches // 2))
-    }
+    (rates,) = windows(lambda: pipeline.images_per_sec(naive, batches=batches // 2))
+    rows["pipeline, naive (tutorials)"] = {"images_per_sec": statistics.median(rates)}
     return rows
 
 
@@ -88,7 +109,7 @@ def matmul_gflops(size=1024, repeats=10):
         run().numpy()
         return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
-    return median_rate(measure)
+    return statistics.median(windows(measure)[0])
 
 
 def training_flops_per_image(model, variables, image_size, channels, batch=4):
@@ -103,9 +124,19 @@ def training_flops_per_image(model, variables, image_size, channels, batch=4):
             loss = tf.reduce_mean(per_example_loss(labels, model(images, training=True))[0])
         return tape.gradient(loss, variables)
 
-    function = forward_backward.get_concrete_function(
+    return _flops(forward_backward.get_concrete_function(
         tf.TensorSpec([batch, image_size, image_size, channels], tf.uint8), tf.TensorSpec([batch], tf.int64)
-    )
+    ), batch)
+
+
+def forward_flops_per_image(model, image_size, channels, batch=4):
+    """Floating-point operations of one inference forward pass per image, counted as above."""
+    forward = tf.function(lambda images: model(images, training=False))
+    return _flops(forward.get_concrete_function(
+        tf.TensorSpec([batch, image_size, image_size, channels], tf.uint8)), batch)
+
+
+def _flops(function, batch):
     logger, level = tf.get_logger(), tf.get_logger().level
     logger.setLevel("ERROR")  # The registry's shape helper logs a deprecation warning per call.
     try:
@@ -141,80 +172,199 @@ class _FitTimer(keras.callbacks.Callback):
             self.seconds = time.perf_counter() - self.started
 
 
-def _fit_model(run, variables):
-    """The engine's model, compiled for Keras fit with the same optimizer, loss and accuracy metric."""
-    config, devices, model = run.config, run.devices, run.model
-    trainable = {id(variable) for variable in model.trainable_variables}
-    if trainable != {id(variable) for variable in variables}:
-        raise RuntimeError("model.fit would train other variables than the engine")
+def _fit_window(model, data, batch_size):
+    """A timed window of `model.fit` on `data` (a repeating dataset); returns images/sec."""
+
+    def window():
+        timer = _FitTimer(FIT_WARMUP_STEPS, WINDOW_STEPS)
+        model.fit(data, epochs=1, steps_per_epoch=FIT_WARMUP_STEPS + WINDOW_STEPS, verbose=0, callbacks=[timer],
+                  shuffle=False)  # Datasets are shuffled by their pipeline; Keras would warn.
+        return WINDOW_STEPS * batch_size / timer.seconds
+
+    return window
+
+
+def _loss(model):
     binary = model.output.shape[-1] == 1
+    return (keras.losses.BinaryCrossentropy(from_logits=True) if binary
+            else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+
+def tutorial_model(run, variables):
+    """The run's classifier as the tutorials build it: keras.applications' backbone (the run's weights
+    copied in, the same layers trainable, BatchNorm in inference where the run keeps it so), pooling,
+    dropout and a dense layer; compiled with the same optimizer, no strategy, Keras' default jit_compile."""
+    config, engine_model = run.config, run.model
+    engine_backbone = engine_model.get_layer(BACKBONE_LAYER)
+    size = config.image_size
+    backbone = BACKBONES[config.backbone].build((size, size, 3), None, config.alpha)
+    for ours, theirs in zip(backbone.weights, engine_backbone.weights, strict=True):
+        ours.assign(theirs)
+    for ours, theirs in zip(backbone.layers, engine_backbone.layers, strict=True):  # Same constructor, same order.
+        ours.trainable = theirs.trainable
+    inputs = keras.Input((size, size, 3))
+    # The tutorials call a frozen or fine-tuned base with training=False; where BatchNorm trains, as here.
+    batchnorm_trains = any(isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+                           for layer in backbone.layers)
+    x = keras.layers.GlobalAveragePooling2D()(backbone(inputs, training=None if batchnorm_trains else False))
+    if config.dropout:
+        x = keras.layers.Dropout(config.dropout)(x)
+    logits = keras.layers.Dense(engine_model.output.shape[-1])
+    model = keras.Model(inputs, logits(x))
+    logits.set_weights(engine_model.get_layer("logits").get_weights())
+    trained = int(sum(np.prod(variable.shape) for variable in variables))
+    if int(sum(np.prod(variable.shape) for variable in model.trainable_variables)) != trained:
+        raise RuntimeError("the tutorials' model would train other variables than the engine")
+    model.compile(
+        optimizer=make_optimizer(name=config.optimizer, learning_rate=config.learning_rate,
+                                 weight_decay=config.weight_decay, precision=run.devices.precision,
+                                 variables=model.trainable_variables),
+        loss=_loss(model), metrics=["accuracy"],
+    )
+    return model
+
+
+def tutorial_dataset(run):
+    """The tutorials' input pipeline over the run's training split: decode, resize and scale in a
+    `map`, then shuffle, batch and prefetch; repeated so every fit window reads on."""
+    config = run.config
+    split, channels = run.splits["train"].split, run.source.channels
+    preprocess = BACKBONES[config.backbone].preprocess
+
+    def format_example(encoded, label):
+        image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+        image = tf.image.resize(image, (config.image_size, config.image_size))
+        if channels == 1:
+            image = tf.image.grayscale_to_rgb(image)
+        return preprocess(image), label
+
+    return (split.source.read(split.name).map(format_example).shuffle(TUTORIAL_SHUFFLE)
+            .batch(config.batch_size).prefetch(tf.data.AUTOTUNE).repeat())
+
+
+def same_model_fit(run, variables):
+    """The engine's own model and training stream, compiled for Keras fit under the run's strategy."""
+    config, devices, model = run.config, run.devices, run.model
+    if {id(variable) for variable in model.trainable_variables} != {id(variable) for variable in variables}:
+        raise RuntimeError("model.fit would train other variables than the engine")
     with devices.strategy.scope():
         model.compile(
             optimizer=make_optimizer(
                 name=config.optimizer, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                 precision=devices.precision, variables=model.trainable_variables,
             ),
-            loss=keras.losses.BinaryCrossentropy(from_logits=True) if binary
-            else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-            jit_compile=devices.jit_compile,
+            loss=_loss(model), metrics=["accuracy"], jit_compile=devices.jit_compile,
         )
-    return model
-
-
-def mode_rates(run, trainer):
-    """(engine, fit, engine/fit) training images/sec of one mode, in alternating windows; the ratio is
-    the median of each adjacent pair's, so a slow spell of the machine hits both sides of it."""
-    config = run.config
-    iterator = iter(run.train_dataset())
-    model = _fit_model(run, trainer.variables)
-    fit_data = pipeline.train_dataset(
+    data = pipeline.train_dataset(
         run.splits["train"], batch_size=config.batch_size, batches_per_epoch=run.steps_per_epoch, seed=config.seed,
         epochs=1, augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
         deterministic=config.deterministic,
     ).repeat()
-    images = WINDOW_STEPS * config.batch_size
-    engine_window = _window(trainer, iterator, WINDOW_STEPS, config)
-
-    def fit_window():
-        timer = _FitTimer(FIT_WARMUP_STEPS, WINDOW_STEPS)
-        model.fit(fit_data, epochs=1, steps_per_epoch=FIT_WARMUP_STEPS + WINDOW_STEPS, verbose=0,
-                  shuffle=False, callbacks=[timer])  # The dataset is shuffled already.
-        return images / timer.seconds
-
-    engine, fit = [], []
-    for _ in range(WINDOWS):
-        engine.append(engine_window())
-        fit.append(fit_window())
-    ratio = statistics.median(e / f for e, f in zip(engine, fit))
-    return statistics.median(engine), statistics.median(fit), ratio
+    return model, data
 
 
-def cached_rate(run):
-    """A mode on cached features: (head-training images/sec, extraction seconds)."""
-    features = feature_cache.build(run)
-    trainer = Stages(run, step_model=features.upper)(0)
-    window = _window(trainer, iter(run.train_dataset(features.splits["train"])), CACHED_WINDOW_STEPS, run.config)
-    return median_rate(window), features.report["seconds"]
-
-
-def _window(trainer, iterator, steps, config):
-    """A timed window: `steps` engine steps in calls of --steps_per_loop; returns images/sec. The
-    first call traces, outside any window."""
-    trainer.train_steps(iterator, tf.constant(config.steps_per_loop)).numpy()
+def _engine_window(trainer, iterator, steps, batch_size, steps_per_loop):
+    """A timed window: `steps` engine steps in calls of `steps_per_loop`; returns images/sec. The first
+    call traces, outside any window."""
+    trainer.train_steps(iterator, tf.constant(steps_per_loop)).numpy()
 
     def window():
         started = time.perf_counter()
-        for done in range(0, steps, config.steps_per_loop):
-            trainer.train_steps(iterator, tf.constant(min(config.steps_per_loop, steps - done))).numpy()
-        return steps * config.batch_size / (time.perf_counter() - started)
+        for done in range(0, steps, steps_per_loop):
+            trainer.train_steps(iterator, tf.constant(min(steps_per_loop, steps - done))).numpy()
+        return steps * batch_size / (time.perf_counter() - started)
 
     return window
 
 
+def _extraction_window(run, cut):
+    """A timed window of the feature cache's extraction over the training split; returns images/sec."""
+    extractor = feature_cache.Extractor(run, cut.lower)
+    stream = iter(())
+
+    def next_batch():
+        nonlocal stream
+        batch = next(stream, None)
+        if batch is None:  # Start the split over.
+            stream = extractor.batches(run.splits["train"])
+            batch = next(stream)
+        return batch
+
+    next_batch()  # Traces.
+
+    def window():
+        started, images = time.perf_counter(), 0
+        for _ in range(EXTRACTION_WINDOW_BATCHES):
+            images += len(next_batch()[1])
+        return images / (time.perf_counter() - started)
+
+    return window
+
+
+def measure_mode(run, source):
+    """The rows of one mode: the engine live against plain and same-model fit; with a feature cache,
+    its extraction and training on activations against plain fit over EPOCHS epochs."""
+    config = run.config
+    trainer = Stages(run)(0)
+    flops = training_flops_per_image(run.model, trainer.variables, config.image_size, source.channels)
+    plain = tutorial_model(run, trainer.variables)
+    measures = {
+        "engine": _engine_window(trainer, iter(run.train_dataset()), WINDOW_STEPS, config.batch_size,
+                                 config.steps_per_loop),
+        "plain": _fit_window(plain, tutorial_dataset(run), config.batch_size),
+        "same": _fit_window(*same_model_fit(run, trainer.variables), config.batch_size),
+    }
+    features = feature_cache.build(run) if config.mode in CACHED_MODES else None
+    if features is not None:
+        cached = Stages(run, step_model=features.upper)(0)
+        measures["cache"] = _engine_window(cached, iter(run.train_dataset(features.splits["train"])),
+                                           CACHED_WINDOW_STEPS, config.batch_size, config.steps_per_loop)
+        measures["extraction"] = _extraction_window(run, features.cut)
+    rates = dict(zip(measures, windows(*measures.values())))
+    engine, plain_fit = statistics.median(rates["engine"]), statistics.median(rates["plain"])
+    rows = {config.mode: {
+        "images_per_sec": engine, "plain_fit_images_per_sec": plain_fit,
+        "same_model_fit_images_per_sec": statistics.median(rates["same"]),
+        "engine_over_plain_fit": ratio([e / p for e, p in zip(rates["engine"], rates["plain"])]),
+        "engine_over_same_model_fit": ratio([e / s for e, s in zip(rates["engine"], rates["same"])]),
+        "training_flops_per_image": flops, "achieved_gflops": flops * engine / 1e9,
+        "trainable_params": int(sum(np.prod(v.shape) for v in trainer.variables)),
+    }}
+    if features is not None:
+        cut, epoch = features.cut, run.splits["train"].count
+        seconds = [epoch / extraction + EPOCHS * epoch / cache
+                   for extraction, cache in zip(rates["extraction"], rates["cache"])]
+        fit_seconds = [EPOCHS * epoch / rate for rate in rates["plain"]]
+        whole = forward_flops_per_image(run.model, config.image_size, source.channels)
+        rows[f"{config.mode}, feature cache"] = {
+            "cut": cut.layer, "images_per_sec": statistics.median(rates["cache"]),
+            "extraction_images_per_sec": statistics.median(rates["extraction"]),
+            "forward_flops_below_cut": forward_flops_per_image(cut.lower, config.image_size, source.channels) / whole,
+            f"{EPOCHS}_epochs_seconds": statistics.median(seconds),
+            f"{EPOCHS}_epochs_plain_fit_seconds": statistics.median(fit_seconds),
+            "over_plain_fit": ratio([fit / ours for fit, ours in zip(fit_seconds, seconds)]),
+        }
+    return rows
+
+
+def heavy_row(config, source):
+    """ResNet50 (random weights) trained from scratch by the engine: its GFLOP/s."""
+    run = assembly.build(config_lib.for_mode(
+        config, "scratch", backbone=HEAVY_BACKBONE, alpha=1.0, eval_split="", test_split="",
+        feature_cache="off", epochs=STREAM_EPOCHS,
+    ))
+    trainer = Stages(run)(0)
+    flops = training_flops_per_image(run.model, trainer.variables, config.image_size, source.channels)
+    (rates,) = windows(_engine_window(trainer, iter(run.train_dataset()), HEAVY_WINDOW_STEPS, config.batch_size,
+                                      min(config.steps_per_loop, HEAVY_WINDOW_STEPS)))
+    rate = statistics.median(rates)
+    return {"images_per_sec": rate, "training_flops_per_image": flops, "achieved_gflops": flops * rate / 1e9,
+            "gflops_windows": [flops * r / 1e9 for r in rates]}
+
+
 def _mode_configs(config):
     """Each mode's train config (models/modes.py) on the training split alone, with a training stream
-    long enough for every window (it is read lazily)."""
+    long enough for every window (it is read lazily); caches are built by the benchmark itself."""
     return {
         mode: config_lib.for_mode(
             config, mode, eval_split="", test_split="", feature_cache="off", epochs=STREAM_EPOCHS
@@ -232,33 +382,21 @@ def benchmark(config):
     rows = {}
     matmul = matmul_gflops()
     for mode, mode_config in _mode_configs(config).items():
-        logging.info("Benchmark: %s (engine and model.fit, %d windows of %d steps each)", mode, WINDOWS, WINDOW_STEPS)
+        logging.info("Benchmark: %s (engine, plain fit, same-model fit%s; %d windows of %d steps each)", mode,
+                     ", feature cache" if mode in CACHED_MODES else "", WINDOWS, WINDOW_STEPS)
         run = assembly.build(mode_config)
-        trainer = Stages(run)(0)
-        flops = training_flops_per_image(run.model, trainer.variables, config.image_size, source.channels)
-        engine, fit, engine_over_fit = mode_rates(run, trainer)
-        rows[mode] = {
-            "images_per_sec": engine, "fit_images_per_sec": fit, "engine_over_fit": engine_over_fit,
-            "training_flops_per_image": flops, "achieved_gflops": flops * engine / 1e9,
-            "trainable_params": int(sum(np.prod(v.shape) for v in trainer.variables)),
-        }
-        if mode in CACHED_MODES:
-            head, extract_seconds = cached_rate(run)
-            epoch = run.splits["train"].count
-            rows[f"{mode}, feature cache"] = {
-                "images_per_sec": head, "extraction_seconds": extract_seconds,
-                "extraction_images_per_sec": epoch / extract_seconds,
-                f"{EPOCHS}_epochs_seconds": extract_seconds + EPOCHS * epoch / head,
-                f"{EPOCHS}_epochs_fit_seconds": EPOCHS * epoch / fit,
-            }
+        rows.update(measure_mode(run, source))
         keras.backend.clear_session()
+    logging.info("Benchmark: %s scratch (%d windows of %d steps)", HEAVY_BACKBONE, WINDOWS, HEAVY_WINDOW_STEPS)
+    rows[f"{HEAVY_BACKBONE} scratch"] = heavy_row(config, source)
+    keras.backend.clear_session()
     rows.update(pipeline_rates(config, split))
     report = {
         "dataset": config.dataset, "split": config.train_split, "backbone": config.backbone,
         "alpha": config.alpha, "image_size": config.image_size, "batch_size": config.batch_size,
         "unfreeze": config.unfreeze or config.unfreeze_from or config.trainable_regex,
-        "devices": f"{run.devices.kind} x {run.devices.num_replicas}, {run.devices.precision}, "
-                   f"XLA {'on' if run.devices.jit_compile else 'off'}",
+        "devices": f"{run.devices.kind} x {run.devices.num_replicas}, {run.devices.strategy_name}, "
+                   f"{run.devices.precision}, XLA {'on' if run.devices.jit_compile else 'off'}",
         "matmul_gflops": matmul, "rows": rows, "ratios": ratios(rows, matmul),
     }
     try:
@@ -272,46 +410,60 @@ def benchmark(config):
 
 
 def ratios(rows, matmul):
-    """The targets, as ratios of figures measured in this run."""
+    """The targets, as ratios of figures measured in this run: {name: {median, min, max}}."""
     fastest = max(rows[mode]["images_per_sec"] for mode in MODES)
-    result = {f"engine / fit, {mode}": rows[mode]["engine_over_fit"] for mode in MODES}
+    result = {f"engine / plain fit, {mode}": rows[mode]["engine_over_plain_fit"] for mode in MODES}
+    result.update({f"engine / fit on the same model, {mode}": rows[mode]["engine_over_same_model_fit"]
+                   for mode in MODES})
     for mode in CACHED_MODES:
-        cache = rows[f"{mode}, feature cache"]
-        result[f"{mode} with feature cache / fit {mode}, {EPOCHS} epochs with extraction"] = (
-            cache[f"{EPOCHS}_epochs_fit_seconds"] / cache[f"{EPOCHS}_epochs_seconds"]
-        )
-    result["pipeline (cache memory) / fastest mode"] = rows["pipeline, cache memory"]["images_per_sec"] / fastest
-    result["pipeline cache memory / naive"] = (
-        rows["pipeline, cache memory"]["images_per_sec"] / rows["pipeline, naive (tutorials)"]["images_per_sec"]
-    )
-    result["scratch GFLOP/s / matmul GFLOP/s"] = rows["scratch"]["achieved_gflops"] / matmul
+        if f"{mode}, feature cache" in rows:
+            result[f"{mode} with feature cache / plain fit {mode}, {EPOCHS} epochs with extraction"] = (
+                rows[f"{mode}, feature cache"]["over_plain_fit"])
+    exact = lambda value: {"median": value, "min": value, "max": value}  # Single figures.
+    result["pipeline (cache memory) / fastest mode"] = exact(
+        rows["pipeline, cache memory"]["images_per_sec"] / fastest)
+    result["pipeline cache memory / naive"] = exact(
+        rows["pipeline, cache memory"]["images_per_sec"] / rows["pipeline, naive (tutorials)"]["images_per_sec"])
+    result["scratch GFLOP/s / matmul GFLOP/s"] = exact(rows["scratch"]["achieved_gflops"] / matmul)
+    heavy = rows[f"{HEAVY_BACKBONE} scratch"]["gflops_windows"]
+    result[f"{HEAVY_BACKBONE} scratch GFLOP/s / matmul GFLOP/s"] = ratio([value / matmul for value in heavy])
     for mode in MODES[1:]:
-        result[f"{mode} / scratch images/sec"] = rows[mode]["images_per_sec"] / rows["scratch"]["images_per_sec"]
+        result[f"{mode} / scratch images/sec"] = exact(
+            rows[mode]["images_per_sec"] / rows["scratch"]["images_per_sec"])
     return result
 
 
 def markdown(report):
+    rows = report["rows"]
     lines = [
         f"{report['backbone']} (alpha {report['alpha']:g}) at {report['image_size']} px, batch "
         f"{report['batch_size']}, {report['dataset']} {report['split']}; {report['devices']}; "
         f"matmul {report['matmul_gflops']:.1f} GFLOP/s",
         "",
-        "| measured | engine images/sec | model.fit images/sec | engine / fit | GFLOP per image | GFLOP/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| measured | engine images/sec | plain fit images/sec | engine / plain fit | fit on the same model "
+        "images/sec | GFLOP per image | GFLOP/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode in MODES:
-        row = report["rows"][mode]
+        row = rows[mode]
         lines.append(
-            f"| {mode} | {row['images_per_sec']:,.0f} | {row['fit_images_per_sec']:,.0f} | "
-            f"{row['engine_over_fit']:.2f}x | {row['training_flops_per_image'] / 1e9:.3f} | "
-            f"{row['achieved_gflops']:.1f} |"
+            f"| {mode} | {row['images_per_sec']:,.0f} | {row['plain_fit_images_per_sec']:,.0f} | "
+            f"{row['engine_over_plain_fit']['median']:.2f}x | {row['same_model_fit_images_per_sec']:,.0f} | "
+            f"{row['training_flops_per_image'] / 1e9:.3f} | {row['achieved_gflops']:.1f} |"
         )
     for mode in CACHED_MODES:
-        cache = report["rows"][f"{mode}, feature cache"]
-        lines.append(f"| {mode}, feature cache (head on features) | {cache['images_per_sec']:,.0f} | | | | |")
-        lines.append(f"| {mode}, feature extraction, once | {cache['extraction_images_per_sec']:,.0f} | | | | |")
+        if f"{mode}, feature cache" in rows:
+            cache = rows[f"{mode}, feature cache"]
+            lines.append(f"| {mode}, feature cache (above {cache['cut']}, on its activations) | "
+                         f"{cache['images_per_sec']:,.0f} | | | | | |")
+            lines.append(f"| {mode}, feature extraction, once ({cache['forward_flops_below_cut']:.0%} of the "
+                         f"forward FLOPs) | {cache['extraction_images_per_sec']:,.0f} | | | | | |")
+    heavy = rows[f"{HEAVY_BACKBONE} scratch"]
+    lines.append(f"| {HEAVY_BACKBONE} scratch | {heavy['images_per_sec']:,.1f} | | | | "
+                 f"{heavy['training_flops_per_image'] / 1e9:.3f} | {heavy['achieved_gflops']:.1f} |")
     for name in ("pipeline, cache memory", "pipeline, cache none", "pipeline, naive (tutorials)"):
-        lines.append(f"| {name} | {report['rows'][name]['images_per_sec']:,.0f} | | | | |")
-    lines += ["", "| ratio | measured |", "| --- | ---: |"]
-    lines += [f"| {name} | {value:.2f}x |" for name, value in report["ratios"].items()]
+        lines.append(f"| {name} | {rows[name]['images_per_sec']:,.0f} | | | | | |")
+    lines += ["", "| ratio | median | min | max |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {value['median']:.2f}x | {value['min']:.2f}x | {value['max']:.2f}x |"
+              for name, value in report["ratios"].items()]
     return "\n".join(lines)

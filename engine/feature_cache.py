@@ -21,6 +21,7 @@ live and says why.
 """
 
 import dataclasses
+import functools
 import hashlib
 import os
 import time
@@ -140,8 +141,13 @@ class Features:
     """A run's splits as activations at the cut, and the model that trains on them."""
 
     splits: dict  # {"train", "eval", "test": pipeline.Examples of activations, or None}
-    upper: keras.Model  # The classifier's own layers above the cut (shared, not copied).
+    cut: Cut
     report: dict  # The one-time extraction, for results.json.
+
+    @property
+    def upper(self):
+        """What trains on the activations: the classifier's own layers above the cut."""
+        return self.cut.upper
 
 
 def build(run):
@@ -179,29 +185,41 @@ def build(run):
                  cut.layer, sum(examples.values()), seconds)
     report = {"cut": cut.layer, "shape": list(spec.shape[1:]), "dtype": spec.dtype, "bytes": total,
               "where": directory or "memory", "examples": examples, "seconds": seconds}
-    return Features(splits=splits, upper=cut.upper, report=report)
+    return Features(splits=splits, cut=cut, report=report)
+
+
+class Extractor:
+    """Runs `lower` (engine/assembly.py's `run` gives devices and batches) once per example."""
+
+    def __init__(self, run, lower):
+        self.run, self.lower = run, lower
+        strategy = run.devices.strategy
+        forward = CompiledForward(lower, frozen=lower.weights, constants=run.devices.frozen_as_constants)
+
+        def replica_step(images, labels, weights):
+            return forward(images, training=False), labels, weights
+
+        @tf.function
+        def step(batch):
+            outputs = strategy.run(replica_step, args=batch)
+            return [tf.concat(strategy.experimental_local_results(value), axis=0) for value in outputs]  # In order.
+
+        self._step = step
+
+    def batches(self, examples):
+        """(activations, labels) of `examples` in order, a batch of EXTRACTION_BATCHES training batches at
+        a time. The batches come from `run.eval_dataset`, padded with weight-0 examples so every replica
+        and worker runs the same steps; the padding is dropped."""
+        run = self.run
+        for batch in run.eval_dataset(examples, batch_size=EXTRACTION_BATCHES * run.config.batch_size):
+            features, labels, weights = (value.numpy() for value in self._step(batch))
+            yield features[weights > 0], labels[weights > 0]
 
 
 def extract(run, lower, examples, *, directory=None):
     """`examples` with each image replaced by its activations from `lower`, in the same order (so the
-    same seed shuffles them into the same batches): in memory, or in files under `directory`.
-
-    The batches come from `run.eval_dataset` (engine/assembly.py), padded with weight-0 examples so
-    every replica and worker runs the same steps; the padding is dropped."""
-    strategy = run.devices.strategy
-    forward = CompiledForward(lower, frozen=lower.weights, constants=run.devices.frozen_as_constants)
-
-    @tf.function
-    def step(batch):
-        outputs = strategy.run(lambda images, labels, weights: (forward(images, training=False), labels, weights),
-                               args=batch)
-        return [tf.concat(strategy.experimental_local_results(value), axis=0) for value in outputs]  # In order.
-
-    def batches():
-        for batch in run.eval_dataset(examples, batch_size=EXTRACTION_BATCHES * run.config.batch_size):
-            features, labels, weights = (value.numpy() for value in step(batch))
-            yield features[weights > 0], labels[weights > 0]
-
+    same seed shuffles them into the same batches): in memory, or in files under `directory`."""
+    batches = functools.partial(Extractor(run, lower).batches, examples)
     if directory is None:
         features, labels = (np.concatenate(parts) for parts in zip(*batches()))
         count = len(labels)

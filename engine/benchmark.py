@@ -40,7 +40,7 @@ from models.classifier import BACKBONE_LAYER
 WINDOWS = 5
 WINDOW_STEPS = 10  # Training steps per timed window (engine and fit alike).
 CACHED_WINDOW_STEPS = 100  # Steps on cached activations are much shorter: more of them per window.
-EXTRACTION_WINDOW_BATCHES = 3  # Extraction batches (each feature_cache.EXTRACTION_BATCHES training batches).
+EXTRACTION_WINDOW_BATCHES = 10  # Extraction batches (each one training batch) per timed window.
 FIT_WARMUP_STEPS = 2  # Left out of each fit window: the first call traces, every call restarts its input.
 TUTORIAL_SHUFFLE = 1000  # The tutorials' shuffle buffer.
 MODES = tuple(name for name, mode in modes.MODES.items() if not mode.head_first)  # Each a row, scratch first.

@@ -17,7 +17,8 @@ def test_benchmark_measures_every_mode_against_plain_fit_the_caches_and_the_pipe
     # second, and its rate is exactly the images it trained on. (The pipeline's own clock stays real.)
     clock = itertools.count()
     monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
-    for name, value in (("WINDOWS", 3), ("WINDOW_STEPS", 4), ("CACHED_WINDOW_STEPS", 6), ("HEAVY_WINDOW_STEPS", 1)):
+    for name, value in (("WINDOWS", 3), ("WINDOW_STEPS", 4), ("CACHED_WINDOW_STEPS", 6), ("HEAVY_WINDOW_STEPS", 1),
+                        ("EXTRACTION_WINDOW_BATCHES", 5)):
         monkeypatch.setattr(benchmark, name, value)
     config = tiny(job="benchmark", model_dir=str(tmp_path), weights=pretrained_run, unfreeze=2,
                   train_split="train[:2%]", batch_size=8, steps_per_loop=2)
@@ -43,10 +44,11 @@ def test_benchmark_measures_every_mode_against_plain_fit_the_caches_and_the_pipe
     for mode, cut in (("frozen", "pool"), ("finetune", "block2_pool")):
         cache = rows[f"{mode}, feature cache"]
         assert cache["cut"] == cut and cache["images_per_sec"] == 6 * 8
-        assert cache["extraction_images_per_sec"] == 3 * 4 * 8  # Three extraction batches of four training batches.
+        assert cache["extraction_images_per_sec"] == 5 * 8  # Five extraction batches of one training batch.
         epoch = cache["10_epochs_plain_fit_seconds"] * 32 / 10
-        assert epoch == pytest.approx(round(epoch)) and round(epoch) > 3 * 4 * 8 * 3
-        assert cache["10_epochs_seconds"] == pytest.approx(epoch / 96 + 10 * epoch / 48)
+        # No extraction window reaches the split's end (three windows and a priming batch).
+        assert epoch == pytest.approx(round(epoch)) and round(epoch) > (3 + 1) * 5 * 8
+        assert cache["10_epochs_seconds"] == pytest.approx(epoch / 40 + 10 * epoch / 48)
         assert cache["over_plain_fit"]["median"] == pytest.approx(cache["10_epochs_plain_fit_seconds"]
                                                                   / cache["10_epochs_seconds"])
     assert 0.99 < rows["frozen, feature cache"]["forward_flops_below_cut"] < 1  # All but the head.

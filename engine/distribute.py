@@ -5,9 +5,9 @@ engine's steps call the model (engine/compiled_forward.py).
 MirroredStrategy over several (OneDeviceStrategy on one: its input iterator prefetches batches onto the
 GPU), mixed float16 (compute capability >= 7.0) and XLA on the per-replica step; on one CPU, the default
 strategy (no distribution: never slower than OneDeviceStrategy where measured), float32 without XLA
-(both measured slower there), fused BatchNorm and frozen weights as graph constants (both measured
-faster there; on GPUs, XLA already fuses that work). Every path runs the same code: the default
-strategy implements `run`, `reduce` and `distribute_datasets_from_function` for one replica.
+(both measured slower there), fused BatchNorm and frozen weights as graph constants (measured faster
+there, fused BatchNorm on an earlier machine only; on GPUs, XLA already fuses that work). Every path
+runs the same code: the default strategy implements `run`, `reduce` and `distribute_datasets_from_function` for one replica.
 """
 
 import dataclasses

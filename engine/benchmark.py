@@ -184,10 +184,19 @@ def _fit_window(model, data, batch_size):
     return window
 
 
-def _loss(model):
+def _compile(model, run, **options):
+    """Compiles `model` for `fit` with the run's optimizer and the engine's loss (from logits: one
+    logit is sigmoid, more are softmax); `options` go to `compile` (e.g. jit_compile)."""
+    config = run.config
     binary = model.output.shape[-1] == 1
-    return (keras.losses.BinaryCrossentropy(from_logits=True) if binary
-            else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=make_optimizer(name=config.optimizer, learning_rate=config.learning_rate,
+                                 weight_decay=config.weight_decay, precision=run.devices.precision,
+                                 variables=model.trainable_variables),
+        loss=(keras.losses.BinaryCrossentropy(from_logits=True) if binary
+              else keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
+        metrics=["accuracy"], **options,
+    )
 
 
 def tutorial_model(run, variables):
@@ -215,12 +224,7 @@ def tutorial_model(run, variables):
     trained = int(sum(np.prod(variable.shape) for variable in variables))
     if int(sum(np.prod(variable.shape) for variable in model.trainable_variables)) != trained:
         raise RuntimeError("the tutorials' model would train other variables than the engine")
-    model.compile(
-        optimizer=make_optimizer(name=config.optimizer, learning_rate=config.learning_rate,
-                                 weight_decay=config.weight_decay, precision=run.devices.precision,
-                                 variables=model.trainable_variables),
-        loss=_loss(model), metrics=["accuracy"],
-    )
+    _compile(model, run)  # Keras' default jit_compile.
     return model
 
 
@@ -248,13 +252,7 @@ def same_model_fit(run, variables):
     if {id(variable) for variable in model.trainable_variables} != {id(variable) for variable in variables}:
         raise RuntimeError("model.fit would train other variables than the engine")
     with devices.strategy.scope():
-        model.compile(
-            optimizer=make_optimizer(
-                name=config.optimizer, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                precision=devices.precision, variables=model.trainable_variables,
-            ),
-            loss=_loss(model), metrics=["accuracy"], jit_compile=devices.jit_compile,
-        )
+        _compile(model, run, jit_compile=devices.jit_compile)
     data = pipeline.train_dataset(
         run.splits["train"], batch_size=config.batch_size, batches_per_epoch=run.steps_per_epoch, seed=config.seed,
         epochs=1, augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,

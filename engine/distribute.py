@@ -4,10 +4,11 @@ engine's steps call the model (engine/compiled_forward.py).
 `auto` picks what was measured fastest on each kind of device (figures in README.md): on GPUs,
 MirroredStrategy over several (OneDeviceStrategy on one: its input iterator prefetches batches onto the
 GPU), mixed float16 (compute capability >= 7.0) and XLA on the per-replica step; on one CPU, the default
-strategy (no distribution: never slower than OneDeviceStrategy where measured), float32 without XLA
-(both measured slower there), fused BatchNorm and frozen weights as graph constants (measured faster
-there, fused BatchNorm on an earlier machine only; on GPUs, XLA already fuses that work). Every path
-runs the same code: the default strategy implements `run`, `reduce` and `distribute_datasets_from_function` for one replica.
+strategy (no distribution: within noise of OneDeviceStrategy where measured, and nothing added),
+float32 without XLA (both measured slower there), fused BatchNorm and frozen weights as graph constants
+(measured faster there, fused BatchNorm on an earlier machine only; on GPUs, XLA already fuses that
+work). Every path runs the same code: the default strategy implements `run`, `reduce` and
+`distribute_datasets_from_function` for one replica.
 """
 
 import dataclasses

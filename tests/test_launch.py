@@ -110,6 +110,8 @@ BAD_INPUT = [
     (["--epochs=0"], "--epochs=0: must be positive"),
     (["--learning_rate=-0.1"], "--learning_rate=-0.1: must be positive"),
     (["--image_size=0"], "--image_size=0: must be positive"),
+    (["--feature_cache_max_gb=0"], "--feature_cache_max_gb=0.0: must be positive"),
+    (["--strategy=default", "--cpu_replicas=2"], "--cpu_replicas=2: needs --strategy=mirrored or auto, not default"),
     (["--batch_size=abc"], "flag --batch_size=abc: invalid literal"),
     (["--cpu_replicas=2", "--batch_size=9"], "--batch_size=9: must be divisible by the 2 replicas"),
     (["--mode=finetune", "--unfreeze=99"], "--unfreeze=99: the backbone has only 6 layers with weights"),

@@ -26,10 +26,11 @@ def preprocessing(backbone, image_size, channels):
     """
     entry = BACKBONES[backbone]
     inputs = keras.Input((None, None, channels), dtype="uint8", name="image")
-    # Cast first: on integer input Keras' Resizing returns integers inside tf.function (rounding the
-    # interpolated pixels) but floats eagerly; on floats it is the same everywhere.
-    x = keras.ops.cast(inputs, "float32")
-    x = keras.layers.Resizing(image_size, image_size, dtype="float32", name="resize")(x)
+    x = keras.ops.cast(inputs, "float32")  # Resized as floats: no rounding of interpolated pixels.
+    # An op, not keras.layers.Resizing: Keras' image layers default to training=True and pass it to
+    # every layer called after them, so `model(x)` would run the backbone's BatchNorm in training
+    # mode (Keras 3.15; tests/test_artifacts.py checks this in a process without this project).
+    x = keras.ops.image.resize(x, (image_size, image_size), interpolation="bilinear")
     if channels == 1:
         x = entry.grayscale_to_rgb(x)
     return keras.Model(inputs, entry.preprocess(x), name="preprocess")

@@ -43,6 +43,24 @@ def test_grayscale_is_repeated_to_three_channels_and_resized():
     assert preprocessing("small_cnn", 8, 1)(gray).shape == (1, 8, 8, 3)
 
 
+@pytest.mark.parametrize("backbone", ["small_cnn", "mobilenet_v2"])
+def test_called_without_training_the_classifier_runs_inference(backbone):
+    """model(x) must not run BatchNorm on the batch's statistics: Keras' image layers (Resizing) default
+    to training=True and pass it on to every layer after them."""
+    alpha = 0.35 if BACKBONES[backbone].has_alpha else 1.0
+    model = build_classifier(backbone=backbone, image_size=32, channels=1, num_classes=3, alpha=alpha)
+    for variable in model.non_trainable_variables:  # Moving statistics far from any batch's.
+        if "moving_mean" in variable.path or "moving_variance" in variable.path:
+            variable.assign(np.full(variable.shape, 3.0, "float32"))
+    before = [variable.numpy() for variable in model.weights]
+    images = np.random.default_rng(0).integers(0, 256, (4, 45, 29, 1), dtype="uint8")
+    expected = model.predict(images, verbose=0)
+    np.testing.assert_allclose(model(images), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model(images, training=False), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model(images[:1]), expected[:1], rtol=1e-5, atol=1e-6)
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(before, model.weights)), "a call moved a weight"
+
+
 def test_two_classes_get_one_logit_more_get_one_each():
     assert small(num_classes=2).output_shape == (None, 1)
     assert small(num_classes=5).output_shape == (None, 5)

@@ -60,8 +60,16 @@ def options(deterministic):
 
 
 def decode(encoded, *, image_size, channels):
-    """Encoded image bytes -> uint8 [image_size, image_size, channels]."""
-    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+    """Encoded image bytes (JPEG, PNG, BMP, GIF's first frame; gray, gray+alpha, RGB or RGBA) -> uint8
+    [image_size, image_size, channels]: alpha dropped, gray repeated to RGB or RGB averaged to gray."""
+    image = tf.io.decode_image(encoded, expand_animations=False)  # Its own channels: not every format converts.
+    native = tf.shape(image)[-1]
+    image = image[..., :native - 1 + native % 2]  # Without alpha: 1, 2 -> gray; 3, 4 -> RGB.
+    is_rgb = tf.shape(image)[-1] == 3
+    if channels == 1:
+        image = tf.cond(is_rgb, lambda: tf.image.rgb_to_grayscale(image), lambda: image)
+    else:
+        image = tf.cond(is_rgb, lambda: image, lambda: tf.image.grayscale_to_rgb(image))
     image.set_shape([None, None, channels])
     if image.shape[0] != image_size or image.shape[1] != image_size:
         image = tf.image.resize(image, [image_size, image_size])
@@ -160,13 +168,18 @@ def eval_dataset(examples, *, batch_size, steps, local_replicas=1, deterministic
     return dataset.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE).with_options(options(deterministic))
 
 
-def naive_dataset(split, *, image_size, batch_size):
-    """The tutorials' form, for comparison: decode with a plain `map` (no parallelism), batch, no
-    cache, no prefetch."""
+def decoded(split, *, image_size):
+    """(uint8 image, label) of `split` in order, decoded with a plain `map` (no parallelism, no cache),
+    undecodable images skipped: the tutorials' pipeline, and a few examples cheaply."""
     channels = split.source.channels
     return split.source.read(split.name).map(
         lambda image, label: (decode(image, image_size=image_size, channels=channels), label)
-    ).batch(batch_size)
+    ).ignore_errors()
+
+
+def naive_dataset(split, *, image_size, batch_size):
+    """The tutorials' form, for comparison: decode with a plain `map`, batch, no cache, no prefetch."""
+    return decoded(split, image_size=image_size).batch(batch_size)
 
 
 def images_per_sec(dataset, *, batches, warmup=2):

@@ -291,6 +291,32 @@ def test_decode_resizes_and_keeps_uint8():
     assert int(tf.reduce_min(image)) == int(tf.reduce_max(image)) == 200
 
 
+@pytest.mark.parametrize("form, mode", [
+    ("PNG", "L"), ("PNG", "LA"), ("PNG", "RGB"), ("PNG", "RGBA"), ("JPEG", "L"), ("JPEG", "RGB"),
+    ("BMP", "RGB"), ("GIF", "L"),
+])
+def test_decode_takes_every_format_and_channel_count_to_the_models_channels(form, mode):
+    """BMP and GIF cannot convert channels while decoding: gray and RGB models both take every file."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 6, len(mode)), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if len(mode) == 1 else pixels, mode).save(encoded, form)
+    original = tf.io.decode_image(encoded.getvalue(), expand_animations=False).numpy()
+    color = original[..., :3] if original.shape[-1] >= 3 else original[..., :1]  # Alpha dropped.
+    for channels in (1, 3):
+        image = pipeline.decode(encoded.getvalue(), image_size=6, channels=channels).numpy()
+        assert image.shape == (6, 6, channels) and image.dtype == np.uint8
+        if channels == color.shape[-1]:
+            np.testing.assert_array_equal(image, color)
+        elif channels == 3:  # Gray repeated.
+            np.testing.assert_array_equal(image, np.repeat(color, 3, axis=-1))
+        else:
+            np.testing.assert_array_equal(image, tf.image.rgb_to_grayscale(color).numpy())
+
+
 def test_the_pipeline_throughput_helper_counts_the_images_of_the_timed_batches(subset, monkeypatch):
     """A clock that advances one second per reading: the rate is then the images timed, exactly."""
     import itertools

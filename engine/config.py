@@ -15,7 +15,12 @@ from errors import ConfigError
 from models import modes
 from models.backbones import BACKBONES
 
-JOBS = ("train", "evaluate", "export", "benchmark", "compare")
+JOBS = ("train", "evaluate", "export", "predict", "benchmark", "compare")
+EXPORT_FORMATS = ("saved_model", "litert", "litert_int8")
+# --job=export and predict take these from the command line and every other option from the run's own
+# flags.txt, so they need no dataset or model flags and cannot describe another run than the one saved.
+RUN_JOB_OPTIONS = ("job", "model_dir", "export_format", "inputs", "output", "top_k", "batch_size",
+                   "strategy", "cpu_replicas", "tpu")
 EVERY_MODE_JOBS = ("compare", "benchmark")  # Jobs that run every mode: the flags describe finetune.
 BN_POLICIES = ("frozen", "train")
 AUGMENTATIONS = ("none", "flip", "flip_crop")
@@ -40,8 +45,9 @@ class Config:
     # What to run.
     job: str = _option(
         "train",
-        "What to run: train, evaluate or export a run; benchmark throughput; compare trains every mode "
-        "(scratch, frozen, finetune, and staged with --head_epochs) into model_dir/<mode>/, --mode unused.",
+        "What to run: train, evaluate, export or predict with a run; benchmark throughput; compare trains "
+        "every mode (scratch, frozen, finetune, and staged with --head_epochs) into model_dir/<mode>/, "
+        "--mode unused. export and predict read the run's flags.txt: they need only --model_dir.",
         choices=JOBS,
     )
     model_dir: str = _option(None, "Run directory: checkpoints, logs, metrics, results.", kind=str)
@@ -165,6 +171,19 @@ class Config:
         0, "Also checkpoint every this many steps within epochs (0: at epoch ends only)."
     )
     keep_checkpoints: int = _option(3, "How many checkpoints to keep.")
+    # Using a trained run.
+    export_format: tuple = _option(
+        ("saved_model",),
+        "--job=export: a comma list of saved_model (TF Serving; uint8 images of any size), litert "
+        "(float32 .tflite) and litert_int8 (full-integer .tflite calibrated on the train split); each "
+        "is checked against the Keras model on the test split (export.json).",
+        kind=list,
+    )
+    inputs: tuple = _option(
+        (), "--job=predict: comma list of image files, folders (searched recursively) and globs.", kind=list
+    )
+    output: str = _option(None, "--job=predict: the CSV to write (default: model_dir/predictions.csv).", kind=str)
+    top_k: int = _option(1, "--job=predict: how many classes each row names, most probable first.")
 
     def to_flagfile(self):
         """The resolved options as flagfile text: rerunning with it rebuilds this config."""
@@ -204,8 +223,26 @@ def from_flags(flag_values=flags.FLAGS):
         value = flag_values[field.name].value
         if field.name == "label_subset":
             value = _parse_labels(value)
+        elif field.metadata["kind"] is list:
+            value = tuple(value)
         values[field.name] = value
     return validate(Config(**values))
+
+
+def of_run(config):
+    """The config of the run in `config.model_dir` (its flags.txt), with the job options of `config`
+    (RUN_JOB_OPTIONS); a directory without flags.txt is refused."""
+    path = os.path.join(config.model_dir, "flags.txt")
+    if not os.path.isfile(path):
+        raise ConfigError("model_dir", config.model_dir, "has no flags.txt: not a run directory (train it first)")
+    saved = flags.FlagValues()
+    define_flags(saved)
+    try:
+        saved(["launch.py", f"--flagfile={path}"])
+    except flags.Error as error:
+        raise ConfigError("model_dir", config.model_dir, f"has a flags.txt this version cannot read ({error})") from None
+    run = from_flags(saved)
+    return validate(dataclasses.replace(run, **{name: getattr(config, name) for name in RUN_JOB_OPTIONS}))
 
 
 def _parse_labels(items):
@@ -299,6 +336,13 @@ def validate(config):
         raise ConfigError(
             "cpu_replicas", config.cpu_replicas, f"needs --strategy=mirrored or auto, not {config.strategy}"
         )
+    unknown = [name for name in config.export_format if name not in EXPORT_FORMATS]
+    if unknown or not config.export_format:
+        raise ConfigError("export_format", config.export_format, f"each must be one of {', '.join(EXPORT_FORMATS)}")
+    if config.job == "predict" and not config.inputs:
+        raise ConfigError("inputs", "", "--job=predict needs images: files, folders or globs")
+    if config.top_k <= 0:
+        raise ConfigError("top_k", config.top_k, "must be positive")
     if config.checkpoint_every < 0:
         raise ConfigError("checkpoint_every", config.checkpoint_every, "must not be negative")
     if config.jit_compile == "true" and config.cpu_replicas > 1:

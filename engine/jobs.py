@@ -2,17 +2,16 @@
 
     train      engine/training.py   assemble, resume, train, write the run's results
     evaluate   here                 the latest checkpoint on the eval and test splits
-    export     here                 model.keras as a SavedModel
+    export     engine/export.py     model.keras as SavedModel / LiteRT artifacts, checked on the test split
+    predict    engine/predict.py    model.keras on image files -> predictions.csv
     benchmark  engine/benchmark.py  throughput per mode against Keras' fit
     compare    engine/compare.py    every mode with the same flags, side by side
 """
 
-import os
-
 from absl import logging
-import keras
 
-from engine import assembly, benchmark, compare, training
+from engine import assembly, benchmark, compare, export, predict, training
+from engine import config as config_lib
 from engine.run_dir import RunDir
 from engine.trainer import Stages
 from errors import ConfigError
@@ -40,23 +39,11 @@ def evaluate(config):
     return evaluation
 
 
-def export(config):
-    """Writes the trained classifier as a SavedModel for TF Serving: raw uint8 images of any size in,
-    logits out (its `serve` function), the preprocessing inside."""
-    run_dir = RunDir(config.model_dir)
-    source = run_dir.file("model.keras")
-    if not os.path.exists(source):
-        raise ConfigError("model_dir", config.model_dir, "has no model.keras to export (train it first)")
-    target = run_dir.file("saved_model")
-    keras.saving.load_model(source).export(target, verbose=False)
-    logging.info("Exported %s to %s (signature serving_default: uint8 images -> logits)", source, target)
-    return {"job": "export", "saved_model": target}
-
-
 JOBS = {
     "train": training.train,
     "evaluate": evaluate,
-    "export": export,
+    "export": lambda config: export.export(config_lib.of_run(config)),
+    "predict": lambda config: predict.predict(config_lib.of_run(config)),
     "benchmark": benchmark.benchmark,
     "compare": compare.compare,
 }

@@ -7,6 +7,8 @@
     results.json     final metrics, parameter counts, devices, trainability audit
     model.keras      the trained classifier (takes raw uint8 images of any size)
     backbone.weights.h5  its backbone alone, usable as --weights of another run
+    saved_model/, model.tflite, model_int8.tflite, export.json   --job=export (engine/export.py)
+    predictions.csv  --job=predict (engine/predict.py)
 """
 
 import json
@@ -90,6 +92,13 @@ class RunDir:
         with open(path) as f:
             lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epoch]
         write_atomic(path, "".join(lines))
+
+    def read_json(self, name):
+        """A JSON file of the run ({} when absent)."""
+        if not os.path.exists(self.file(name)):
+            return {}
+        with open(self.file(name)) as f:
+            return json.load(f)
 
     def write_json(self, name, data):
         write_atomic(self.file(name), json.dumps(data, indent=2, sort_keys=True) + "\n")

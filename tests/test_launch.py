@@ -132,6 +132,11 @@ BAD_INPUT = [
     (["--learning_rate=0.01"], "--model_dir={run}: holds a run with --learning_rate=0.001, not 0.01"),
     (["--strategy=multi_worker"], "--strategy=multi_worker: needs TF_CONFIG"),
     (["--strategy=tpu"], "--strategy=tpu: no TPU found"),
+    (["--job=export", "--export_format=saved_model,onnx"],
+     "--export_format=saved_model,onnx: each must be one of saved_model, litert, litert_int8"),
+    (["--job=predict"], "--inputs=: --job=predict needs images: files, folders or globs"),
+    (["--job=predict", "--inputs=/no/such/*.png,/no/file.jpg"], "--inputs=/no/such/*.png,/no/file.jpg: no image file found"),
+    (["--job=predict", "--inputs={file}", "--top_k=0"], "--top_k=0: must be positive"),
 ]
 
 
@@ -309,11 +314,15 @@ def test_export_writes_a_saved_model_that_serves_raw_images_of_any_size(data_dir
         np.testing.assert_allclose(served.serve(tf.constant(images)), model(images), rtol=1e-5, atol=1e-6)
 
 
-def test_export_needs_a_trained_model(data_dir, tmp_path):
-    status, stderr = launch_in_process(*tiny_flags(tiny_config(data_dir=data_dir, model_dir=str(tmp_path))),
-                                       "--job=export")
-    assert status == 2
-    assert stderr == f"error: --model_dir={tmp_path}: has no model.keras to export (train it first)\n"
+@pytest.mark.parametrize("job", ["export", "predict"])
+def test_export_and_predict_need_a_trained_run(data_dir, tmp_path, job):
+    run = str(tmp_path)
+    status, stderr = launch_in_process(f"--model_dir={run}", f"--job={job}", f"--inputs={ROOT}")
+    assert (status, stderr) == (2, f"error: --model_dir={run}: has no flags.txt: not a run directory (train it first)\n")
+    with open(os.path.join(run, "flags.txt"), "w") as f:  # A run stopped before its end: no model yet.
+        f.write(tiny_config(data_dir=data_dir, model_dir=run).to_flagfile())
+    status, stderr = launch_in_process(f"--model_dir={run}", f"--job={job}", f"--inputs={ROOT}")
+    assert (status, stderr) == (2, f"error: --model_dir={run}: has no model.keras (train it first)\n")
 
 
 MOCKED_LAUNCH = """

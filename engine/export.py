@@ -1,0 +1,209 @@
+"""`--job=export`: the run's model.keras as artifacts that run without this project, each checked against
+the Keras model on the run's test split (the parity report, export.json).
+
+    saved_model   RUN/saved_model/      TF Serving: `serve`, uint8 images of any size -> logits
+    litert        RUN/model.tflite      LiteRT float32: uint8 images at --image_size -> logits
+    litert_int8   RUN/model_int8.tflite LiteRT full-integer, calibrated on CALIBRATION_IMAGES images of
+                                        the train split; uint8 images at --image_size -> float logits
+
+Every artifact runs the model in inference mode (BatchNorm on its moving statistics, no dropout). Keras
+writes all three (`ExportArchive`, `Model.export(format="litert")` with TensorFlow's TFLite converter);
+the LiteRT files are run here by the LiteRT interpreter (package ai-edge-litert), as a phone runs them.
+"""
+
+import os
+import shutil
+
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from data import pipeline, sources
+from engine.run_dir import RunDir
+from errors import ConfigError, RunError
+
+CALIBRATION_IMAGES = 300
+# A float artifact computes what the Keras model computes, in another order: its logits may differ by
+# rounding only. Relative to the largest logit; the BatchNorm-in-training bug this guards against
+# measured 2.18 on logits of about 5.
+FLOAT_TOLERANCE = 1e-4
+FILES = {"saved_model": "saved_model", "litert": "model.tflite", "litert_int8": "model_int8.tflite"}
+
+
+class ExportMismatch(RunError):
+    """A float artifact computes other logits than the Keras model it was exported from."""
+
+
+def export(config):
+    """Writes each --export_format artifact of the run in --model_dir and its parity report."""
+    run_dir = RunDir(config.model_dir)
+    model = load_model(run_dir)
+    source = sources.open_source(config)
+    artifacts = {}
+    for name in config.export_format:
+        path = run_dir.file(FILES[name])
+        WRITERS[name](model, path, config=config, source=source)
+        artifacts[name] = path
+        logging.info("Exported %s: %s (%s bytes)", name, path, f"{size_of(path):,}")
+    report = parity(model, artifacts, config=config, source=source)
+    run_dir.write_json("export.json", report)
+    logging.info("Parity on %s (%d images):\n%s", config.test_split, report["test_examples"], format_table(report))
+    failed = [row for row in report["artifacts"] if row["within_rounding"] is False]
+    if failed:
+        row = failed[0]
+        raise ExportMismatch(
+            f"{row['format']} ({row['path']}) differs from the Keras model by up to {row['max_logit_diff']:.3g} "
+            f"in a logit (rounding allows {row['tolerance']:.3g}): the artifact does not compute what "
+            "was trained; see export.json"
+        )
+    return report
+
+
+def load_model(run_dir):
+    path = run_dir.file("model.keras")
+    if not os.path.exists(path):
+        raise ConfigError("model_dir", run_dir.path, "has no model.keras (train it first)")
+    return keras.saving.load_model(path, compile=False)
+
+
+def input_spec(model, image_size=None):
+    """uint8 images, any batch; any height and width unless `image_size` fixes them."""
+    channels = model.input.shape[-1]
+    return tf.TensorSpec([None, image_size, image_size, channels], tf.uint8, name="image")
+
+
+def write_saved_model(model, path, **_):
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", lambda images: model(images, training=False), input_signature=[input_spec(model)])
+    _replace(path, lambda temporary: archive.write_out(temporary, verbose=False))
+
+
+def write_litert(model, path, *, config, **_):
+    _litert(model, path, config.image_size)
+
+
+def write_litert_int8(model, path, *, config, source):
+    """Full-integer quantization: int8 weights and activations, calibrated on the first
+    CALIBRATION_IMAGES decodable images of the train split; takes uint8 pixels, returns float logits."""
+    split = source.split(config.train_split, "train_split")
+    images = pipeline.decoded(split, image_size=config.image_size).take(CALIBRATION_IMAGES)
+
+    def calibration():
+        for image, _ in images.batch(1):
+            yield [image]
+
+    _litert(
+        model, path, config.image_size, optimizations=[tf.lite.Optimize.DEFAULT], representative_dataset=calibration,
+        target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
+        inference_input_type=tf.uint8, inference_output_type=tf.float32,
+    )
+
+
+def _litert(model, path, image_size, **converter_options):
+    """Keras' LiteRT export (TensorFlow's TFLite converter; `converter_options` set its attributes) of
+    the model in inference mode, for uint8 images at `image_size`."""
+    _replace(path, lambda temporary: model.export(
+        temporary, format="litert", verbose=False, input_signature=[input_spec(model, image_size)],
+        **converter_options,
+    ))
+
+
+WRITERS = {"saved_model": write_saved_model, "litert": write_litert, "litert_int8": write_litert_int8}
+
+
+def _replace(path, write):
+    """Writes beside `path` and renames, so an interrupted export never leaves half an artifact."""
+    temporary = os.path.join(os.path.dirname(path), ".partial-" + os.path.basename(path))
+    shutil.rmtree(temporary, ignore_errors=True)
+    write(temporary)
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.replace(temporary, path)
+
+
+def size_of(path):
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
+
+
+def runner(name, path):
+    """A function: uint8 images [n, size, size, channels] -> float32 logits [n, units], running the
+    artifact as its users will (TensorFlow for the SavedModel, the LiteRT interpreter for .tflite)."""
+    if name == "saved_model":
+        loaded = tf.saved_model.load(path)  # Its variables live as long as it does.
+        return lambda images: loaded.serve(tf.constant(images)).numpy()
+    from ai_edge_litert.interpreter import Interpreter  # Only export needs it.
+
+    interpreter = Interpreter(model_path=path)
+    (input_detail,), (output_detail,) = interpreter.get_input_details(), interpreter.get_output_details()
+    shape = [None]
+
+    def run(images):
+        if shape[0] != images.shape:
+            interpreter.resize_tensor_input(input_detail["index"], images.shape)
+            interpreter.allocate_tensors()
+            shape[0] = images.shape
+        interpreter.set_tensor(input_detail["index"], images)
+        interpreter.invoke()
+        return interpreter.get_tensor(output_detail["index"]).astype(np.float32)
+
+    return run
+
+
+def predicted_class(logits):
+    """Top-1 class of logits: one sigmoid logit (two classes) or one per class (softmax)."""
+    return (logits[:, 0] > 0).astype(np.int64) if logits.shape[-1] == 1 else logits.argmax(-1)
+
+
+def parity(model, artifacts, *, config, source):
+    """Each artifact and the Keras model on every test image: accuracy, top-1 agreement with Keras and
+    the largest logit difference."""
+    split = source.split(config.test_split, "test_split")
+    examples = pipeline.decoded(split, image_size=config.image_size).batch(config.batch_size)
+    keras_logits = tf.function(lambda images: model(images, training=False))
+    runners = {name: runner(name, path) for name, path in artifacts.items()}
+    labels, reference, outputs = [], [], {name: [] for name in artifacts}
+    for images, batch_labels in examples.as_numpy_iterator():
+        labels.append(batch_labels)
+        reference.append(keras_logits(images).numpy())
+        for name, run in runners.items():
+            outputs[name].append(run(images))
+    labels, reference = np.concatenate(labels), np.concatenate(reference)
+    keras_classes = predicted_class(reference)
+    tolerance = FLOAT_TOLERANCE * max(1.0, float(np.abs(reference).max()))
+    rows = []
+    for name, path in artifacts.items():
+        logits = np.concatenate(outputs[name])
+        max_diff = float(np.abs(logits - reference).max())
+        rows.append({
+            "format": name,
+            "path": path,
+            "bytes": size_of(path),
+            "test_accuracy": float(np.mean(predicted_class(logits) == labels)),
+            "agreement": float(np.mean(predicted_class(logits) == keras_classes)),
+            "max_logit_diff": max_diff,
+            "tolerance": None if name == "litert_int8" else tolerance,
+            "within_rounding": None if name == "litert_int8" else max_diff <= tolerance,
+        })
+    return {
+        "job": "export",
+        "model": os.path.join(config.model_dir, "model.keras"),
+        "test_split": config.test_split,
+        "test_examples": int(len(labels)),
+        "keras_test_accuracy": float(np.mean(keras_classes == labels)),
+        "artifacts": rows,
+    }
+
+
+def format_table(report):
+    header = "  artifact       bytes        test acc  (keras)  agreement  max logit diff"
+    lines = [header]
+    for row in report["artifacts"]:
+        lines.append(
+            f"  {row['format']:<13} {row['bytes']:>12,}  {row['test_accuracy']:.4f}    "
+            f"{report['keras_test_accuracy']:.4f}   {row['agreement']:.4f}     {row['max_logit_diff']:.3g}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""What a run hands over: model.keras and its exports in inference mode (checked in a Python process that
+cannot import this project), --job=export's artifacts and parity report, and --job=predict."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engine import export, jobs
+from engine.config import Config, validate
+from engine.run_dir import RunDir
+from helpers import ROOT, launch_in_process, train_run
+
+# Run in a fresh interpreter with this project's modules blocked (an editable install would find them):
+# model.keras and the SavedModel must stand alone. Prints what it measured as JSON.
+STANDALONE_CHECK = r"""
+import importlib.abc, json, sys
+PROJECT = {"engine", "models", "data", "launch", "errors", "internals"}
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in PROJECT:
+            raise ImportError(f"{name} is this project's, blocked")
+
+sys.meta_path.insert(0, Blocked())
+sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[1])]
+try:
+    import engine  # noqa
+    raise SystemExit("this project is importable")
+except ImportError:
+    pass
+import keras, numpy as np, tensorflow as tf
+
+rng = np.random.default_rng(0)
+report = {}
+for run in sys.argv[2:]:
+    model = keras.saving.load_model(f"{run}/model.keras")
+    channels = model.input.shape[-1]
+    images = rng.integers(0, 256, (4, 123, 77, channels), dtype="uint8")
+    others = rng.integers(0, 256, (5, 123, 77, channels), dtype="uint8")
+    weights = [w.numpy() for w in model.weights]
+    predicted = model.predict(images, verbose=0)
+    called, inference = np.asarray(model(images)), np.asarray(model(images, training=False))
+    keras_moved = any(not np.array_equal(a, b.numpy()) for a, b in zip(weights, model.weights))
+    served = tf.saved_model.load(f"{run}/saved_model")
+    state = [v.numpy() for v in served.variables]
+    alone = served.serve(tf.constant(images)).numpy()
+    mixed = served.serve(tf.constant(np.concatenate([images[:1], others]))).numpy()[:1]
+    served_moved = any(not np.array_equal(a, v.numpy()) for a, v in zip(state, served.variables))
+    report[run] = {
+        "call_vs_predict": float(np.abs(called - predicted).max()),
+        "inference_vs_predict": float(np.abs(inference - predicted).max()),
+        "serve_vs_predict": float(np.abs(alone - predicted).max()),
+        "serve_close": bool(np.allclose(alone, predicted, rtol=1e-5, atol=1e-6)),
+        "batch_dependence": float(np.abs(mixed - alone[:1]).max()),
+        "keras_moved": keras_moved, "served_moved": served_moved, "variables": len(state),
+    }
+print(json.dumps(report))
+"""
+
+MODES = {
+    "scratch": dict(mode="scratch"),
+    "frozen": dict(mode="frozen"),
+    "finetune_bn_frozen": dict(mode="finetune", unfreeze=2, bn="frozen"),
+    "finetune_bn_train": dict(mode="finetune", unfreeze=2, bn="train"),
+    "staged": dict(mode="finetune", unfreeze=2, bn="train", head_epochs=1, epochs=2),
+}
+
+
+@pytest.mark.slow
+def test_every_mode_hands_over_inference_mode_artifacts_that_need_no_project(tiny, pretrained_run, tmp_path):
+    runs = []
+    for name, flags in MODES.items():
+        run = tmp_path / name
+        config = tiny(weights=pretrained_run, train_split="train[:2%]", dropout=0.3, **flags)
+        train_run(config, run)
+        export.write_saved_model(export.load_model(RunDir(str(run))), str(run / "saved_model"))
+        runs.append(str(run))
+    result = subprocess.run(
+        [sys.executable, "-c", STANDALONE_CHECK, ROOT, *runs], cwd=str(tmp_path), capture_output=True, text=True,
+        timeout=600, env={**os.environ, "PYTHONPATH": ""},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for run in runs:
+        measured = report[run]
+        assert measured["call_vs_predict"] <= 1e-5 and measured["inference_vs_predict"] <= 1e-5, (run, measured)
+        assert measured["serve_close"], (run, measured)  # serve(a) == predict(a), rtol 1e-5.
+        assert measured["batch_dependence"] <= 1e-5, (run, measured)
+        assert not measured["keras_moved"] and not measured["served_moved"], (run, measured)
+        assert measured["variables"] > 0
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture
+def scratch_run(tiny, tmp_path):
+    """A tiny scratch run: BatchNorm trained, so inference and training mode differ."""
+    run = tmp_path / "run"
+    train_run(tiny(mode="scratch", train_split="train[:2%]", test_split="test[:120]"), run)
+    return str(run)
+
+
+@pytest.mark.slow
+def test_export_writes_three_formats_and_a_parity_report(scratch_run):
+    status, stderr = launch_in_process(
+        f"--model_dir={scratch_run}", "--job=export", "--export_format=saved_model,litert,litert_int8"
+    )
+    assert status == 0, stderr
+    report = read_json(os.path.join(scratch_run, "export.json"))
+    results = read_json(os.path.join(scratch_run, "results.json"))
+    assert report["test_examples"] == results["test_examples"]
+    assert report["keras_test_accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-9)
+    rows = {row["format"]: row for row in report["artifacts"]}
+    assert list(rows) == ["saved_model", "litert", "litert_int8"]
+    for name in ("saved_model", "litert"):
+        assert rows[name]["within_rounding"] and rows[name]["agreement"] == 1.0, rows[name]
+        assert rows[name]["test_accuracy"] == report["keras_test_accuracy"]
+    assert rows["litert_int8"]["agreement"] >= 0.9, rows["litert_int8"]
+    assert rows["litert_int8"]["bytes"] <= 0.4 * rows["litert"]["bytes"]
+    for row in rows.values():
+        assert os.path.exists(row["path"]) and row["bytes"] > 0
+    assert not [name for name in os.listdir(scratch_run) if name.startswith(".partial-")], "a temporary was left"
+
+
+def test_export_fails_when_a_float_artifact_does_not_compute_what_was_trained(scratch_run, monkeypatch):
+    """The parity check catches the bug it exists for: a SavedModel serving BatchNorm in training mode."""
+    import keras
+
+    def training_mode_saved_model(model, path, **_):
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint("serve", lambda images: model(images, training=True),
+                             input_signature=[export.input_spec(model)])
+        archive.write_out(path, verbose=False)
+
+    monkeypatch.setitem(export.WRITERS, "saved_model", training_mode_saved_model)
+    status, stderr = launch_in_process(f"--model_dir={scratch_run}", "--job=export")
+    assert status == 1
+    assert stderr.startswith("error: saved_model (") and "differs from the Keras model by up to" in stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    row = read_json(os.path.join(scratch_run, "export.json"))["artifacts"][0]
+    assert row["within_rounding"] is False and row["max_logit_diff"] > row["tolerance"]
+
+
+def write_images(folder):
+    """A folder of mixed images: sizes, formats, channel counts, a nested one, an unreadable one."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    os.makedirs(folder / "nested" / "deeper")
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / "rgb.bmp")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)).save(folder / "RGBA.PNG")
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(folder / "nested" / "first.gif")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / "nested" / "deeper" / "x.jpg")
+    (folder / "broken.jpg").write_bytes(b"not an image at all")
+    (folder / "notes.txt").write_text("not an image, not looked at")
+    return ["RGBA.PNG", "gray.png", "nested/deeper/x.jpg", "nested/first.gif", "rgb.bmp"]
+
+
+def test_predict_writes_one_row_per_readable_image_with_the_models_top_classes(data_dir, pretrained_run, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    folder = tmp_path / "images"
+    readable = write_images(folder)
+    output = tmp_path / "out" / "predictions.csv"
+    os.makedirs(output.parent)
+    run = str(tmp_path / "run")
+    shutil.copytree(pretrained_run, run)
+    config = validate(Config(job="predict", model_dir=run, inputs=(str(folder),), output=str(output), top_k=2,
+                             batch_size=2))
+    result = jobs.JOBS["predict"](config)
+    assert result["unreadable"] == [str(folder / "broken.jpg")]
+    with open(output) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "label", "probability", "label_2", "probability_2"]
+    assert [os.path.relpath(row[0], folder) for row in rows[1:]] == readable
+
+    model = keras.saving.load_model(os.path.join(run, "model.keras"))
+    names = read_json(os.path.join(run, "results.json"))["class_names"]
+    for row in rows[1:]:
+        image = tf.io.decode_image(open(row[0], "rb").read(), expand_animations=False).numpy()
+        image = image[..., :3] if image.shape[-1] == 4 else image
+        if image.shape[-1] == 3:
+            image = tf.image.rgb_to_grayscale(image).numpy()
+        probabilities = keras.ops.softmax(model.predict(image[None], verbose=0)).numpy()[0]
+        best, second = np.argsort(-probabilities)[:2]
+        assert row[1] == names[best] and row[3] == names[second], row
+        assert float(row[2]) == pytest.approx(probabilities[best], abs=1e-5)
+        assert float(row[4]) == pytest.approx(probabilities[second], abs=1e-5)

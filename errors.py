@@ -11,6 +11,7 @@ EXIT_FAILED = 1  # A bug (traceback), or --job=compare finished with a mode that
 EXIT_USAGE = 2  # Bad input: a flag, a file, the environment. Nothing was written.
 EXIT_DIVERGED = 3  # The loss stayed non-finite; the last good checkpoint is kept.
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM saved a checkpoint; rerun the same command to resume.
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C (while training, after saving a checkpoint).
 
 
 class RunError(Exception):

@@ -70,6 +70,10 @@ def main(argv):
     except errors.RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_status
+    except KeyboardInterrupt:  # Ctrl-C outside training, or twice: nothing more is saved.
+        print("\nerror: interrupted (Ctrl-C); rerunning the same command resumes from the last checkpoint",
+              file=sys.stderr)
+        return errors.EXIT_INTERRUPTED
     return errors.EXIT_DONE
 
 

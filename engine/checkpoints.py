@@ -12,16 +12,18 @@ at them, so a kill while saving leaves the previous checkpoint the latest one. T
 
 Preemption: `tf.distribute.experimental.PreemptionCheckpointHandler` catches SIGTERM, saves a checkpoint
 at the next step boundary (in step with the other workers) and exits with EXIT_PREEMPTED; rerunning
-the same command resumes.
+the same command resumes. Ctrl-C (SIGINT) takes the same path while training and exits with
+EXIT_INTERRUPTED; a second Ctrl-C stops at once (KeyboardInterrupt, which launch.py reports in one line).
 """
 
 import os
+import signal
 import sys
 
 from absl import logging
 import tensorflow as tf
 
-from errors import EXIT_PREEMPTED, ConfigError, first_line
+from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, first_line
 
 
 class Checkpoints:
@@ -67,13 +69,29 @@ class Checkpoints:
         return self.writer.save(checkpoint_number=int(self.step.numpy()))
 
     def watch_preemption(self, cluster_resolver):
-        """From now on SIGTERM saves a checkpoint at the next `run` and exits with EXIT_PREEMPTED."""
+        """From now on SIGTERM saves a checkpoint at the next `run` and exits with EXIT_PREEMPTED, and so
+        does Ctrl-C, with EXIT_INTERRUPTED, until `stop_watching`."""
         self._preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
             cluster_resolver, self.writer,
             termination_config=tf.distribute.experimental.TerminationConfig(
                 save_fn=self.save, exit_fn=self._exit_preempted
             ),
         )
+        self._interrupted = False
+        self._default_sigint = signal.signal(signal.SIGINT, self._on_ctrl_c)
+
+    def stop_watching(self):
+        """Ctrl-C is KeyboardInterrupt again (after training: nothing left to checkpoint)."""
+        if self._preemption is not None:
+            signal.signal(signal.SIGINT, self._default_sigint)
+
+    def _on_ctrl_c(self, signum, frame):
+        if self._interrupted:
+            raise KeyboardInterrupt
+        self._interrupted = True
+        print("\nCtrl-C: saving a checkpoint at the next step boundary (Ctrl-C again stops at once)",
+              file=sys.stderr)
+        signal.raise_signal(signal.SIGTERM)  # The preemption handler's own path, in step with other workers.
 
     def run(self, train_function, *args):
         """Runs one training call; a preemption signal received before it is handled here."""
@@ -82,8 +100,10 @@ class Checkpoints:
         return self._preemption.run(train_function, *args)
 
     def _exit_preempted(self):
+        status = EXIT_INTERRUPTED if self._interrupted else EXIT_PREEMPTED
         logging.warning(
-            "Preempted: saved %s at step %d; rerun the same command to resume (exit status %d)",
-            self.writer.latest_checkpoint, int(self.step.numpy()), EXIT_PREEMPTED,
+            "%s: saved %s at step %d; rerun the same command to resume (exit status %d)",
+            "Interrupted" if self._interrupted else "Preempted", self.writer.latest_checkpoint,
+            int(self.step.numpy()), status,
         )
-        sys.exit(EXIT_PREEMPTED)
+        sys.exit(status)

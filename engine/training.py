@@ -59,11 +59,14 @@ def train(config, *, progress_label=""):
         )
 
     before = trainability.snapshot(run.model)
-    last, throughput = loop.train_epochs(
-        schedule=loop.Schedule.of(config, run.steps_per_epoch), stages=stages, state=run.state,
-        train_dataset=run.train_dataset(splits["train"]), eval_dataset=run.eval_dataset(splits["eval"]),
-        checkpoints=run.checkpoints, record_epoch=run_dir.record_epoch, progress_label=progress_label,
-    )
+    try:
+        last, throughput = loop.train_epochs(
+            schedule=loop.Schedule.of(config, run.steps_per_epoch), stages=stages, state=run.state,
+            train_dataset=run.train_dataset(splits["train"]), eval_dataset=run.eval_dataset(splits["eval"]),
+            checkpoints=run.checkpoints, record_epoch=run_dir.record_epoch, progress_label=progress_label,
+        )
+    finally:
+        run.checkpoints.stop_watching()
     if not last:  # Nothing left to train: report the last checkpointed epoch.
         last = run_dir.last_metrics()
     test = evaluate_split(run, stages(run.epochs_done - 1), splits["test"])

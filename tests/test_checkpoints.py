@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from errors import EXIT_DIVERGED, EXIT_PREEMPTED
+from errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED
 from helpers import ROOT, launch, tiny_config, tiny_flags, train_run
 
 pytestmark = pytest.mark.slow  # Every test here runs whole trainings, most in subprocesses.
@@ -112,6 +112,25 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_finishes_the_same(data_dir, 
     stderr = preempted.stderr.read()
     assert preempted.returncode == EXIT_PREEMPTED, stderr[-3000:]
     saved = re.search(r"Preempted: saved (\S+) at step (\d+); rerun the same command", stderr)
+    assert saved, stderr[-3000:]
+    assert saved.group(1).endswith(f"ckpt-{saved.group(2)}") and int(saved.group(2)) % 20 != 0
+
+    resumed = launch(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(step {saved.group(2)}," in resumed.stderr
+    assert_same_run(model_dir, reference)
+
+
+def test_ctrl_c_checkpoints_exits_130_without_a_traceback_and_the_rerun_finishes_the_same(
+    data_dir, reference, tmp_path
+):
+    model_dir = str(tmp_path / "interrupted")
+    args = resumable(data_dir, model_dir)
+    interrupted = _interrupt(args, model_dir, signal.SIGINT, after_step=40)
+    stderr = interrupted.stderr.read()
+    assert interrupted.returncode == EXIT_INTERRUPTED, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    saved = re.search(r"Interrupted: saved (\S+) at step (\d+); rerun the same command", stderr)
     assert saved, stderr[-3000:]
     assert saved.group(1).endswith(f"ckpt-{saved.group(2)}") and int(saved.group(2)) % 20 != 0
 

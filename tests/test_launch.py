@@ -219,6 +219,20 @@ def _block_network(monkeypatch):
     return attempts
 
 
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(data_dir, tmp_path, monkeypatch):
+    from engine import jobs
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(jobs.JOBS, "train", interrupted)
+    status, stderr = launch_in_process(*tiny_flags(tiny_config(data_dir=data_dir, model_dir=str(tmp_path))))
+    assert status == 130
+    assert stderr.strip().splitlines() == [
+        "error: interrupted (Ctrl-C); rerunning the same command resumes from the last checkpoint"
+    ]
+
+
 def test_blocking_the_network_blocks_it(monkeypatch):
     import urllib.request
 

@@ -17,6 +17,7 @@ EXIT_INTERRUPTED; a second Ctrl-C stops at once (KeyboardInterrupt, which launch
 """
 
 import os
+import re
 import signal
 import sys
 
@@ -26,31 +27,69 @@ import tensorflow as tf
 from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, first_line
 
 
+CHECKPOINT_INDEX = re.compile(r"ckpt-(\d+)\.index")
+
+
+def damage(path):
+    """Why the checkpoint at `path` cannot be read back (every tensor is read, checksums checked), or
+    None when it is intact."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except (tf.errors.OpError, IndexError, ValueError, OSError) as error:
+        return first_line(error)
+    return None
+
+
 class Checkpoints:
     def __init__(self, *, model, optimizer, step, epoch_sums, directory, keep, is_chief=True, worker_index=0):
         weights = {id(weight) for weight in model.weights}
         rng = [variable for variable in model.variables if id(variable) not in weights]
         self.model = model
         self.step = step
+        self.directory, self.keep, self.is_chief, self.worker_index = directory, keep, is_chief, worker_index
         self.checkpoint = tf.train.Checkpoint(
             model=model, optimizer=optimizer, step=step, epoch_sums=epoch_sums, rng=rng
         )
-        self.reader = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep)
-        self.writer = self.reader if is_chief else tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(directory, f"workertemp_{worker_index}"), max_to_keep=1
-        )
+        self._open()
         self._preemption = None
+
+    def _open(self):
+        """The managers, reading the directory's `checkpoint` state file as it is now."""
+        self.reader = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=self.keep)
+        self.writer = self.reader if self.is_chief else tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(self.directory, f"workertemp_{self.worker_index}"), max_to_keep=1
+        )
 
     @property
     def latest(self):
         return self.reader.latest_checkpoint
 
     def restore(self, *, model_only=False):
-        """Restores the latest checkpoint, if any; returns its path. A checkpoint of another
-        configuration is refused with a ConfigError."""
-        path = self.latest
-        if not path:
+        """Restores the newest checkpoint that reads back intact, if any; returns its path.
+
+        Damaged checkpoints (truncated or corrupted files) are named in a warning and skipped; with
+        none intact, a ConfigError. A checkpoint of another configuration is refused with a ConfigError.
+        Training (not `model_only`) also repairs the state file: rebuilt from the checkpoint files when
+        it was lost, and without the damaged ones, whose files the run overwrites when it reaches
+        their step."""
+        present = self._present()
+        if not present:
             return None
+        damaged = []
+        for path in present:
+            problem = damage(path)
+            if problem is None:
+                break
+            damaged.append(path)
+            logging.warning("Checkpoint %s is damaged (%s); trying the one before it", path, problem)
+        else:
+            raise ConfigError(
+                "model_dir", self._run_dir(),
+                f"every checkpoint is damaged (newest {present[0]}: {damage(present[0])}); move "
+                f"{self.directory} away to start over",
+            )
         target = tf.train.Checkpoint(model=self.model) if model_only else self.checkpoint
         try:
             status = target.restore(path)
@@ -60,10 +99,33 @@ class Checkpoints:
                 status.assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as error:
             raise ConfigError(
-                "model_dir", os.path.dirname(os.path.dirname(path)),
-                f"its checkpoint does not fit this configuration ({first_line(error)})",
+                "model_dir", self._run_dir(), f"its checkpoint does not fit this configuration ({first_line(error)})",
             ) from None
+        if damaged:
+            logging.warning("Restored %s instead of the damaged %s", path, ", ".join(damaged))
+        if not model_only and self.is_chief and (damaged or self.latest != path):
+            if self.latest is None:
+                logging.warning("The checkpoint state file %s was missing: rebuilt from the %d checkpoints "
+                                "present", os.path.join(self.directory, "checkpoint"), len(present))
+            intact = [older for older in present if older not in damaged]
+            tf.compat.v1.train.update_checkpoint_state(
+                self.directory, path, all_model_checkpoint_paths=list(reversed(intact))
+            )
+            self._open()
         return path
+
+    def _present(self):
+        """Every checkpoint in the directory, newest first, from its files (the state file may be lost)."""
+        if not os.path.isdir(self.directory):
+            return []
+        steps = sorted(
+            (int(match.group(1)) for match in map(CHECKPOINT_INDEX.fullmatch, os.listdir(self.directory)) if match),
+            reverse=True,
+        )
+        return [os.path.join(self.directory, f"ckpt-{step}") for step in steps]
+
+    def _run_dir(self):
+        return os.path.dirname(self.directory)
 
     def save(self):
         return self.writer.save(checkpoint_number=int(self.step.numpy()))

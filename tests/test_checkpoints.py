@@ -156,6 +156,60 @@ def test_a_half_written_checkpoint_is_never_the_one_resumed(data_dir, reference,
     assert read(model_dir, "results.json")["epochs_completed"] == 3
 
 
+def _killed_mid_run(data_dir, tmp_path, name):
+    """A run SIGKILLed after its checkpoint past step 60: (args, model_dir, checkpoint steps, newest first)."""
+    model_dir = str(tmp_path / name)
+    args = resumable(data_dir, model_dir)
+    assert _interrupt(args, model_dir, signal.SIGKILL, after_step=60).returncode == -signal.SIGKILL
+    return args, model_dir, sorted(_checkpoint_steps(model_dir), reverse=True)
+
+
+def test_a_truncated_latest_checkpoint_is_skipped_and_the_run_ends_the_same(data_dir, reference, tmp_path):
+    args, model_dir, steps = _killed_mid_run(data_dir, tmp_path, "truncated")
+    data = os.path.join(model_dir, "checkpoints", f"ckpt-{steps[0]}.data-00000-of-00001")
+    os.truncate(data, os.path.getsize(data) // 2)  # A full disk or a crash while copying.
+
+    resumed = launch(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    newest, previous = (f"{model_dir}/checkpoints/ckpt-{step}" for step in steps[:2])
+    assert f"Checkpoint {newest} is damaged (Read less bytes than requested)" in resumed.stderr
+    assert f"Restored {previous} instead of the damaged {newest}" in resumed.stderr
+    assert f"Resuming from {previous} (step {steps[1]}," in resumed.stderr
+    assert_same_run(model_dir, reference)
+
+
+def test_a_lost_state_file_is_rebuilt_and_the_run_resumes_from_the_newest(data_dir, reference, tmp_path):
+    args, model_dir, steps = _killed_mid_run(data_dir, tmp_path, "lost_state")
+    os.remove(os.path.join(model_dir, "checkpoints", "checkpoint"))
+
+    resumed = launch(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"was missing: rebuilt from the {len(steps)} checkpoints present" in resumed.stderr
+    assert f"Resuming from {model_dir}/checkpoints/ckpt-{steps[0]} (step {steps[0]}," in resumed.stderr
+    assert_same_run(model_dir, reference)
+
+
+def test_a_corrupted_checkpoint_is_called_damaged_and_none_intact_is_one_line(data_dir, reference, tmp_path):
+    model_dir = str(tmp_path / "corrupted")
+    shutil.copytree(reference, model_dir)
+    steps = sorted(_checkpoint_steps(model_dir), reverse=True)
+    for step in steps:  # One bit flipped in each: the checksums catch it.
+        data = os.path.join(model_dir, "checkpoints", f"ckpt-{step}.data-00000-of-00001")
+        with open(data, "r+b") as f:
+            f.seek(1000)
+            byte = f.read(1)
+            f.seek(1000)
+            f.write(bytes([byte[0] ^ 0x10]))
+    result = launch(*resumable(data_dir, model_dir, epochs=3))
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]] and errors[0].startswith(
+        f"error: --model_dir={model_dir}: every checkpoint is damaged (newest {model_dir}/checkpoints/ckpt-{steps[0]}: "
+    ) and "Checksum does not match" in errors[0], result.stderr[-3000:]
+    assert "does not fit" not in result.stderr and "Traceback" not in result.stderr
+    assert f"Checkpoint {model_dir}/checkpoints/ckpt-{steps[-1]} is damaged" in result.stderr
+
+
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     data_dir, pretrained_run, tmp_path
 ):

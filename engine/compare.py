@@ -41,6 +41,11 @@ def compare(config):
     for name in ("train", "eval", "test"):
         if getattr(config, f"{name}_split"):
             source.split(getattr(config, f"{name}_split"), f"{name}_split")
+    with RunDir(config.model_dir).lock():  # Two comparisons in one directory would mix their reports.
+        return _compare(config, runs)
+
+
+def _compare(config, runs):
     rows = {}
     for index, (name, run) in enumerate(runs.items(), 1):
         label = f"[{index}/{len(runs)} {name}] "

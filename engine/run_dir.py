@@ -7,13 +7,19 @@
     results.json     final metrics, parameter counts, devices, trainability audit
     model.keras      the trained classifier (takes raw uint8 images of any size)
     backbone.weights.h5  its backbone alone, usable as --weights of another run
+    run.lock         while a run trains in it: the holder's pid and host (RunDir.lock)
     saved_model/, model.tflite, model_int8.tflite, export.json   --job=export (engine/export.py)
     predictions.csv  --job=predict (engine/predict.py)
 """
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
+import time
 
+from absl import logging
 import tensorflow as tf
 
 from errors import ConfigError
@@ -29,6 +35,9 @@ IDENTITY = (
 )
 
 
+LOCK = "run.lock"
+
+
 class RunDir:
     def __init__(self, path):
         self.path = path
@@ -36,6 +45,40 @@ class RunDir:
 
     def file(self, *parts):
         return os.path.join(self.path, *parts)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Holds `run.lock` for a run's life: a second run on this directory is refused (ConfigError naming
+        the holder). The operating system drops the lock when its process dies, however it dies, so the
+        file a killed run leaves is recognised as stale and taken over with a warning."""
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            handle = open(self.file(LOCK), "a+")
+        except OSError as error:
+            raise ConfigError("model_dir", self.path, f"is not writable ({error.strerror})") from None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    "model_dir", self.path,
+                    f"is in use by another run ({_holder(handle) or 'unknown'}); wait for it to end or use "
+                    "another --model_dir",
+                ) from None
+            stale = _holder(handle)
+            if stale:
+                logging.warning("%s: took over the lock of a run that ended without releasing it (%s)",
+                                self.path, stale)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                handle.truncate()
+                os.remove(self.file(LOCK))
 
     def check_compatible(self, config):
         """Refuses a directory holding a run of another configuration (before anything is written)."""
@@ -102,6 +145,19 @@ class RunDir:
 
     def write_json(self, name, data):
         write_atomic(self.file(name), json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _holder(handle):
+    """'pid N on HOST since HH:MM:SS' of the lock file's writer, or '' for an empty file."""
+    handle.seek(0)
+    try:
+        holder = json.loads(handle.read() or "null")
+    except ValueError:
+        return "unreadable lock file"
+    if not holder:
+        return ""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
+    return f"pid {holder['pid']} on {holder['host']}, since {since}"
 
 
 def write_atomic(path, text):

@@ -1,6 +1,7 @@
 """`--job=train`: assemble the run, resume it, train it to the end of `--epochs`, and write what it
 leaves (model.keras, backbone.weights.h5, results.json) in `--model_dir`."""
 
+import contextlib
 import os
 import time
 
@@ -28,6 +29,12 @@ def train(config, *, progress_label=""):
     run_dir = RunDir(config.model_dir if run.devices.is_chief else
                      os.path.join(config.model_dir, f"workertemp_{run.devices.worker_index}"))
     run_dir.check_compatible(config)
+    # One run per directory at a time; other workers write directories of their own.
+    with run_dir.lock() if run.devices.is_chief else contextlib.nullcontext():
+        return _train(config, run, run_dir, started, progress_label)
+
+
+def _train(config, run, run_dir, started, progress_label):
     restored = run.checkpoints.restore()
     run_dir.start(config)
     splits, features = run.splits, None

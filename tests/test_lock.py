@@ -1,0 +1,67 @@
+"""One run per --model_dir at a time: engine/run_dir.py's lock, in one process and across processes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine.run_dir import LOCK, RunDir
+from errors import ConfigError
+from helpers import ROOT, launch, tiny_config, tiny_flags
+
+
+def test_a_held_directory_is_refused_naming_the_holder_and_released_after(tmp_path):
+    run_dir = RunDir(str(tmp_path / "run"))
+    with run_dir.lock():
+        holder = json.loads((tmp_path / "run" / LOCK).read_text())
+        assert (holder["pid"], holder["host"]) == (os.getpid(), socket.gethostname())
+        with pytest.raises(ConfigError) as refused:
+            with RunDir(str(tmp_path / "run")).lock():
+                pass
+        assert str(refused.value).startswith(
+            f"--model_dir={tmp_path / 'run'}: is in use by another run (pid {os.getpid()} on {socket.gethostname()}, since "
+        ) and str(refused.value).endswith("; wait for it to end or use another --model_dir")
+    assert not (tmp_path / "run" / LOCK).exists()
+    with run_dir.lock():  # Free again.
+        pass
+
+
+def test_the_lock_of_a_dead_run_is_taken_over_with_a_warning(tmp_path, caplog):
+    (tmp_path / LOCK).write_text(json.dumps({"pid": 999999, "host": "elsewhere", "since": 0}))
+    with caplog.at_level("WARNING"):
+        with RunDir(str(tmp_path)).lock():
+            assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    assert "took over the lock of a run that ended without releasing it (pid 999999 on elsewhere" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_training_directory_exits_2_and_a_killed_runs_lock_is_taken_over(data_dir, tmp_path):
+    model_dir = str(tmp_path / "run")
+    args = tiny_flags(tiny_config(data_dir=data_dir, model_dir=model_dir, train_split="train[:20%]", epochs=3,
+                                  steps_per_loop=1, checkpoint_every=20))
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(model_dir, "checkpoints", "checkpoint")):
+        assert first.poll() is None and time.time() < deadline, "the first run ended too soon"
+        time.sleep(0.05)
+    second = launch(*args)
+    assert first.poll() is None, "the first run should still be training"
+    assert second.returncode == 2, second.stderr[-3000:]
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --model_dir={model_dir}: is in use by another run (pid {first.pid} on "
+                      f"{socket.gethostname()}, since " + errors[0].split(", since ")[1]], second.stderr[-3000:]
+    assert "Traceback" not in second.stderr
+
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    assert os.path.exists(os.path.join(model_dir, LOCK)), "a killed run leaves its lock file"
+    third = launch(*args)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"took over the lock of a run that ended without releasing it (pid {first.pid}" in third.stderr
+    assert "Resuming from" in third.stderr and not os.path.exists(os.path.join(model_dir, LOCK))

@@ -9,6 +9,7 @@ installed versions.
 """
 
 import contextlib
+import errno
 import re
 import urllib.error
 
@@ -200,6 +201,26 @@ def is_prepare_failure(error):
     if isinstance(error, (OSError, tfds.download.DownloadError, NonMatchingChecksumError)):
         return True
     return isinstance(error, AssertionError) and str(error).startswith("Manual directory")
+
+
+NO_SPACE = ("No space left on device", "Disk quota exceeded")
+
+
+def full_disk_path(error):
+    """The file a write failed on for want of space (ENOSPC, EDQUOT), from `error` or what it was
+    raised from; None for any other error. Python and h5py raise OSError (h5py names the file in
+    `filename = '...'`), TensorFlow an OpError ending '<path>; No space left on device'; a checkpoint's
+    temporary `ckpt-N_temp/...` is named as `ckpt-N`."""
+    while error is not None:
+        text = str(error)
+        if (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+            isinstance(error, tf.errors.OpError) and any(reason in text for reason in NO_SPACE)
+        ):
+            named = re.search(r"filename = '([^']+)'", text) or re.search(r"(\S+); (?:No space|Disk quota)", text)
+            path = getattr(error, "filename", None) or (named.group(1) if named else "")
+            return re.sub(r"_temp/.*$", "", path)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def split_slices(split, num_examples):

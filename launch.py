@@ -70,6 +70,13 @@ def main(argv):
     except errors.RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_status
+    except Exception as error:  # A full disk is the machine's state, not a bug: one line, like bad input.
+        path = internals.full_disk_path(error)
+        if path is None:
+            raise
+        print(f"error: no space left on the device writing {path or flags.FLAGS.model_dir}: free space, then rerun "
+              "the same command (it resumes from the last checkpoint)", file=sys.stderr)
+        return errors.EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C outside training, or twice: nothing more is saved.
         print("\nerror: interrupted (Ctrl-C); rerunning the same command resumes from the last checkpoint",
               file=sys.stderr)

@@ -17,7 +17,7 @@ import tensorflow as tf
 from data import sources
 from engine import config as config_lib
 from engine import training
-from engine.run_dir import RunDir, write_atomic
+from engine.run_dir import RunDir, replace_atomic, write_atomic
 from errors import ModesFailed, RunError, first_line
 from models import modes
 
@@ -172,6 +172,6 @@ def plot(report, path):
         axes.grid(alpha=0.3)
         axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    replace_atomic(path, lambda temporary: figure.savefig(temporary, dpi=110))
     pyplot.close(figure)
     return [text.get_text() for text in accuracy_axes.get_legend().get_texts()]

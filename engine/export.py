@@ -12,7 +12,6 @@ the LiteRT files are run here by the LiteRT interpreter (package ai-edge-litert)
 """
 
 import os
-import shutil
 
 from absl import logging
 import keras
@@ -20,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from data import pipeline, sources
-from engine.run_dir import RunDir
+from engine.run_dir import RunDir, replace_atomic
 from errors import ConfigError, RunError
 
 CALIBRATION_IMAGES = 300
@@ -77,7 +76,7 @@ def write_saved_model(model, path, **_):
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint("serve", lambda images: model(images, training=False), input_signature=[input_spec(model)])
-    _replace(path, lambda temporary: archive.write_out(temporary, verbose=False))
+    replace_atomic(path, lambda temporary: archive.write_out(temporary, verbose=False))
 
 
 def write_litert(model, path, *, config, **_):
@@ -104,23 +103,13 @@ def write_litert_int8(model, path, *, config, source):
 def _litert(model, path, image_size, **converter_options):
     """Keras' LiteRT export (TensorFlow's TFLite converter; `converter_options` set its attributes) of
     the model in inference mode, for uint8 images at `image_size`."""
-    _replace(path, lambda temporary: model.export(
+    replace_atomic(path, lambda temporary: model.export(
         temporary, format="litert", verbose=False, input_signature=[input_spec(model, image_size)],
         **converter_options,
     ))
 
 
 WRITERS = {"saved_model": write_saved_model, "litert": write_litert, "litert_int8": write_litert_int8}
-
-
-def _replace(path, write):
-    """Writes beside `path` and renames, so an interrupted export never leaves half an artifact."""
-    temporary = os.path.join(os.path.dirname(path), ".partial-" + os.path.basename(path))
-    shutil.rmtree(temporary, ignore_errors=True)
-    write(temporary)
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    os.replace(temporary, path)
 
 
 def size_of(path):

@@ -16,7 +16,9 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
+import tempfile
 import time
 
 from absl import logging
@@ -161,11 +163,45 @@ def _holder(handle):
 
 
 def write_atomic(path, text):
-    """Writes via a temporary file and a rename, so a kill never leaves half a file."""
-    temporary = path + ".tmp"
-    with open(temporary, "w") as f:
+    """Writes text via a temporary file and a rename, so a kill or a full disk never leaves half a file."""
+    with _renamed_into(path) as partial, open(partial, "w") as f:
         f.write(text)
-    os.replace(temporary, path)
+
+
+def replace_atomic(path, write):
+    """Calls `write(staged)` (a file or directory named like `path`, which Keras' savers check, in a
+    local temporary directory), copies it beside `path` and renames it there: a kill or a full disk
+    leaves the previous version or nothing, never half of it, and h5py never writes to a full disk
+    (it fails there messily, once even crashing at exit)."""
+    with tempfile.TemporaryDirectory(prefix="transfer-engine-") as staging:
+        staged = os.path.join(staging, os.path.basename(path))
+        write(staged)
+        with _renamed_into(path) as partial:
+            (shutil.copytree if os.path.isdir(staged) else shutil.copyfile)(staged, partial)
+
+
+@contextlib.contextmanager
+def _renamed_into(path):
+    """A temporary path beside `path`, renamed to it when the block succeeds, removed in any case."""
+    partial = os.path.join(os.path.dirname(path), ".partial-" + os.path.basename(path))
+    _remove(partial)
+    try:
+        try:
+            yield partial
+        except OSError as error:  # Name the file a user knows (shutil's errors name none).
+            raise OSError(error.errno, error.strerror, path) from error
+        if os.path.isdir(path) and os.path.isdir(partial):
+            shutil.rmtree(path)
+        os.replace(partial, path)
+    finally:
+        _remove(partial)
+
+
+def _remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def read_flagfile(path):

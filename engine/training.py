@@ -8,7 +8,7 @@ import time
 from absl import logging
 
 from engine import assembly, feature_cache, loop
-from engine.run_dir import RunDir
+from engine.run_dir import RunDir, replace_atomic
 from engine.trainer import Stages, summarize
 from models import trainability
 from models.classifier import BACKBONE_LAYER
@@ -78,8 +78,8 @@ def _train(config, run, run_dir, started, progress_label):
         last = run_dir.last_metrics()
     test = evaluate_split(run, stages(run.epochs_done - 1), splits["test"])
 
-    run.model.save(run_dir.file("model.keras"))
-    run.model.get_layer(BACKBONE_LAYER).save_weights(run_dir.file("backbone.weights.h5"))
+    replace_atomic(run_dir.file("model.keras"), run.model.save)
+    replace_atomic(run_dir.file("backbone.weights.h5"), run.model.get_layer(BACKBONE_LAYER).save_weights)
     trainable, frozen = trainability.parameter_counts(run.model, run.trained_variables)
     results = {
         "job": "train",

@@ -132,3 +132,26 @@ def test_split_strings_select_tfds_ranges():
     assert internals.split_slices("train[:3]+train[-2:]", 13) == [slice(None, 3), slice(11, None)]
     with pytest.raises(ValueError, match="Unknown split 'test'"):
         internals.split_slices("test", 13)
+
+
+def test_full_disk_errors_name_the_file_and_other_errors_are_none():
+    import errno
+
+    assert internals.full_disk_path(OSError(errno.ENOSPC, "No space left on device", "/d/run/model.keras")) == (
+        "/d/run/model.keras"
+    )
+    h5py_style = OSError(errno.ENOSPC, "Can't write data (filename = '/d/run/x.weights.h5', errno = 28)")
+    assert internals.full_disk_path(h5py_style) == "/d/run/x.weights.h5"
+    saving = tf.errors.ResourceExhaustedError(
+        None, None, "{{function_node SaveV2}} /d/run/checkpoints/ckpt-99_temp/part-00000-of-00001.data; "
+        "No space left on device [Op:SaveV2]")
+    assert internals.full_disk_path(saving) == "/d/run/checkpoints/ckpt-99"
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", "/d/q")
+        except OSError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as outer:
+        assert internals.full_disk_path(outer) == "/d/q"
+    assert internals.full_disk_path(OSError(errno.EACCES, "Permission denied", "/d/x")) is None
+    assert internals.full_disk_path(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating")) is None

@@ -114,6 +114,11 @@ class Checkpoints:
             self._open()
         return path
 
+    def newest_before(self, step):
+        """The newest checkpoint this run keeps from a step before `step`, or None."""
+        earlier = [path for path in self.reader.checkpoints if int(path.rsplit("-", 1)[1]) < step]
+        return earlier[-1] if earlier else None
+
     def _present(self):
         """Every checkpoint in the directory, newest first, from its files (the state file may be lost)."""
         if not os.path.isdir(self.directory):

@@ -171,6 +171,12 @@ class Config:
         0, "Also checkpoint every this many steps within epochs (0: at epoch ends only)."
     )
     keep_checkpoints: int = _option(3, "How many checkpoints to keep.")
+    loss_upper_bound: float = _option(
+        None,
+        "Two training calls in a row whose mean loss is above this (or not finite) stop the run as diverged "
+        "(default: 100 x ln(classes), a hundred times a uniform guess's loss).",
+        kind=float,
+    )
     # Using a trained run.
     export_format: tuple = _option(
         ("saved_model",),
@@ -343,6 +349,8 @@ def validate(config):
         raise ConfigError("inputs", "", "--job=predict needs images: files, folders or globs")
     if config.top_k <= 0:
         raise ConfigError("top_k", config.top_k, "must be positive")
+    if config.loss_upper_bound is not None and config.loss_upper_bound <= 0:
+        raise ConfigError("loss_upper_bound", config.loss_upper_bound, "must be positive")
     if config.checkpoint_every < 0:
         raise ConfigError("checkpoint_every", config.checkpoint_every, "must not be negative")
     if config.jit_compile == "true" and config.cpu_replicas > 1:

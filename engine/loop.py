@@ -8,9 +8,11 @@ a sink for each epoch's metrics (engine/run_dir.py).
 """
 
 import dataclasses
+import math
 import time
 
 from absl import logging
+import keras
 import numpy as np
 import tensorflow as tf
 import tqdm
@@ -28,11 +30,18 @@ class Schedule:
     steps_per_loop: int  # Steps per tf.function call.
     checkpoint_every: int  # Steps between checkpoints within an epoch (0: at epoch ends only).
     global_batch_size: int
+    loss_upper_bound: float = math.inf  # A call's mean loss above it counts as diverged.
 
     @classmethod
-    def of(cls, config, steps_per_epoch):
+    def of(cls, config, steps_per_epoch, num_classes):
         return cls(epochs=config.epochs, steps_per_epoch=steps_per_epoch, steps_per_loop=config.steps_per_loop,
-                   checkpoint_every=config.checkpoint_every, global_batch_size=config.batch_size)
+                   checkpoint_every=config.checkpoint_every, global_batch_size=config.batch_size,
+                   loss_upper_bound=config.loss_upper_bound or default_loss_upper_bound(num_classes))
+
+
+def default_loss_upper_bound(num_classes):
+    """100 times the cross-entropy of a uniform guess over the classes: no model that learns is there."""
+    return 100 * math.log(num_classes)
 
 
 class Throughput:
@@ -59,7 +68,7 @@ def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkp
     `stages(epoch)` gives the epoch's Trainer; `state` holds the `step` and `epoch_sums` variables;
     `train_dataset` is a distributed stream positioned at that step; `eval_dataset` is evaluated after
     each epoch (None: none); `checkpoints` has `run(function, *args)` (a training call, watched for
-    preemption), `save()` and `latest`; `record_epoch(dict)` receives each epoch's metrics, before its
+    preemption), `save()` and `newest_before(step)`; `record_epoch(dict)` receives each epoch's metrics, before its
     checkpoint (so a resume can drop the records of epochs it has no checkpoint of). `progress_label`
     prefixes the progress bar (--job=compare says which mode of how many).
     """
@@ -68,6 +77,7 @@ def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkp
     iterator = iter(train_dataset)
     throughput = Throughput()  # The run's, leaving out each stage's first call (it traces).
     traced, non_finite, last_finite_step = set(), 0, int(step_counter.numpy())
+    bound = schedule.loss_upper_bound
     record = {}
     for epoch in range(first_epoch, schedule.epochs):
         trainer = stages(epoch)
@@ -92,13 +102,16 @@ def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkp
             step_counter.assign_add(count)
             epoch_sums.assign_add(sums)
             done += count
-            if np.isfinite(sums[0]):
+            call_loss = sums[0] / max(sums[2], 1)
+            if np.isfinite(call_loss) and call_loss <= bound:
                 non_finite, last_finite_step = 0, step + count
             else:
                 non_finite += 1
                 if non_finite >= NAN_PATIENCE:
                     bar.close()
-                    raise _diverged(last_finite_step, step + count, checkpoints)
+                    what = "not finite" if not np.isfinite(call_loss) else f"loss above --loss_upper_bound={bound:.4g}"
+                    raise _diverged(f"{what} from step {last_finite_step + 1} to {step + count}", checkpoints,
+                                    last_finite_step)
             current = summarize(epoch_sums.numpy())
             bar.update(count)
             bar.set_postfix(
@@ -108,7 +121,7 @@ def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkp
             if schedule.checkpoint_every and not non_finite and done < steps and (
                 (step + count) % schedule.checkpoint_every == 0
             ):
-                _save(checkpoints, trainer, last_finite_step)
+                _save(checkpoints, trainer, step + count, last_finite_step)
         bar.close()
         done = 0
         if non_finite:  # The epoch ended on a non-finite call: no checkpoint of it.
@@ -127,7 +140,7 @@ def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkp
             "seconds": time.perf_counter() - started,
         }
         record_epoch(record)
-        _save(checkpoints, trainer, last_finite_step)
+        _save(checkpoints, trainer, int(step_counter.numpy()), last_finite_step)
         logging.info(
             "epoch %d/%d: train loss %.4f acc %.4f%s | %s img/s",
             epoch + 1, schedule.epochs, train_metrics["loss"], train_metrics["accuracy"],
@@ -138,18 +151,22 @@ def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkp
     return record, throughput
 
 
-def _save(checkpoints, trainer, step):
-    """Checkpoints, unless a trained variable is not finite (a finite loss can precede a non-finite
-    update): a checkpoint is always a state worth resuming from."""
-    if not all(bool(tf.reduce_all(tf.math.is_finite(variable))) for variable in trainer.variables):
-        raise _diverged(step, step, checkpoints)
+def _save(checkpoints, trainer, step, last_finite_step):
+    """Checkpoints, unless a variable of the model (BatchNorm statistics included) or the optimizer is
+    not finite (a finite loss can precede a non-finite update)."""
+    for variable in trainer.model.variables + list(trainer.optimizer.variables):
+        if keras.backend.is_float_dtype(variable.dtype) and not bool(tf.reduce_all(tf.math.is_finite(variable))):
+            raise _diverged(f"{variable.path} not finite after step {step}", checkpoints, last_finite_step)
     checkpoints.save()
 
 
-def _diverged(last_finite_step, step, checkpoints):
+def _diverged(what, checkpoints, last_finite_step):
+    """The error naming the last good checkpoint: the newest from before `last_finite_step`, whose
+    weights a training call has since run with a finite loss (a checkpoint's weights are only proven by
+    the call after it: one update can take finite weights to a model whose logits are not)."""
+    good = checkpoints.newest_before(last_finite_step)
     return Diverged(
-        f"training diverged: not finite from step {last_finite_step + 1} to {step}; last good "
-        f"checkpoint: {checkpoints.latest or 'none'} (lower --learning_rate, or check the data)"
+        f"training diverged: {what}; last good checkpoint: {good or 'none'} (lower --learning_rate, or check the data)"
     )
 
 

@@ -68,7 +68,7 @@ def _train(config, run, run_dir, started, progress_label):
     before = trainability.snapshot(run.model)
     try:
         last, throughput = loop.train_epochs(
-            schedule=loop.Schedule.of(config, run.steps_per_epoch), stages=stages, state=run.state,
+            schedule=loop.Schedule.of(config, run.steps_per_epoch, run.source.num_classes), stages=stages, state=run.state,
             train_dataset=run.train_dataset(splits["train"]), eval_dataset=run.eval_dataset(splits["eval"]),
             checkpoints=run.checkpoints, record_epoch=run_dir.record_epoch, progress_label=progress_label,
         )

@@ -227,8 +227,9 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert match and len(errors) == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     first_bad, last_good = int(match.group(1)), match.group(3)
-    assert last_good.endswith(f"ckpt-{max(_checkpoint_steps(model_dir))}")
-    assert 0 < max(_checkpoint_steps(model_dir)) < first_bad
+    # The newest checkpoint whose weights a later call ran with a finite loss: from before step first_bad - 1.
+    proven = max(step for step in _checkpoint_steps(model_dir) if step < first_bad - 1)
+    assert last_good.endswith(f"ckpt-{proven}") and proven > 0
     reader = tf.train.load_checkpoint(last_good)
     values = [reader.get_tensor(name) for name in reader.get_variable_to_shape_map() if name.startswith("model")]
     assert values and all(np.all(np.isfinite(v)) for v in values if np.issubdtype(v.dtype, np.floating))

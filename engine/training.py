@@ -36,6 +36,12 @@ def train(config, *, progress_label=""):
 
 def _train(config, run, run_dir, started, progress_label):
     restored = run.checkpoints.restore()
+    finished = run_dir.read_json("results.json")
+    if restored and run.epochs_done >= config.epochs and finished.get("global_step") == int(run.state.step.numpy()):
+        logging.info("Complete: this run has trained its %d epochs (step %d); nothing changed. Its results are in "
+                     "%s; a larger --epochs continues it", config.epochs, finished["global_step"],
+                     run_dir.file("results.json"))
+        return finished
     run_dir.start(config)
     splits, features = run.splits, None
     why_not = feature_cache.reason_not_to_cache(config)

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import os
 import subprocess
@@ -62,6 +63,17 @@ def launch_in_process(*args):
         except SystemExit as exit:  # The flag parser exits on bad flags.
             status = exit.code
     return status, stderr.getvalue()
+
+
+def digest_tree(path):
+    """{relative path: sha1} of every file under `path`."""
+    digests = {}
+    for folder, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(folder, name)
+            with open(full, "rb") as f:
+                digests[os.path.relpath(full, path)] = hashlib.sha1(f.read()).hexdigest()
+    return digests
 
 
 def tiny_flags(config):

@@ -1,6 +1,5 @@
 """launch.py as a user runs it: the offline frozen default end to end, evaluate, and bad input."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -10,7 +9,7 @@ import pytest
 
 from data import sources
 from engine.run_dir import read_flagfile
-from helpers import ROOT, launch, launch_in_process, load_weights_file, tiny_config, tiny_flags
+from helpers import ROOT, digest_tree, launch, launch_in_process, load_weights_file, tiny_config, tiny_flags, train_run
 from models.classifier import BACKBONE_LAYER, build_classifier
 
 SHIPPED = os.path.join(ROOT, "models", "pretrained", "mobilenet_v2_0.35_96_fmnist7.weights.h5")
@@ -19,17 +18,6 @@ SHIPPED = os.path.join(ROOT, "models", "pretrained", "mobilenet_v2_0.35_96_fmnis
 def read_json(path):
     with open(path) as f:
         return json.load(f)
-
-
-def digest_tree(path):
-    """{relative path: sha1} of every file under `path`."""
-    digests = {}
-    for folder, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(folder, name)
-            with open(full, "rb") as f:
-                digests[os.path.relpath(full, path)] = hashlib.sha1(f.read()).hexdigest()
-    return digests
 
 
 @pytest.mark.slow
@@ -231,6 +219,18 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(data_dir, tmp_path, mo
     assert stderr.strip().splitlines() == [
         "error: interrupted (Ctrl-C); rerunning the same command resumes from the last checkpoint"
     ]
+
+
+def test_rerunning_a_finished_run_changes_no_file_and_a_larger_epochs_continues_it(data_dir, tmp_path):
+    config = tiny_config(data_dir=data_dir, model_dir=str(tmp_path / "run"))
+    first = train_run(config, tmp_path / "run")
+    before = digest_tree(tmp_path / "run")
+    status, stderr = launch_in_process(*tiny_flags(config), "--steps_per_loop=3")
+    assert status == 0 and not stderr, stderr
+    assert digest_tree(tmp_path / "run") == before, "rerunning a finished run changed its files"
+    status, stderr = launch_in_process(*tiny_flags(config), "--epochs=2")
+    assert status == 0, stderr
+    assert read_json(tmp_path / "run" / "results.json")["global_step"] == 2 * first["global_step"]
 
 
 def test_blocking_the_network_blocks_it(monkeypatch):

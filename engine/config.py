@@ -17,10 +17,10 @@ from models.backbones import BACKBONES
 
 JOBS = ("train", "evaluate", "export", "predict", "benchmark", "compare")
 EXPORT_FORMATS = ("saved_model", "litert", "litert_int8")
-# --job=export and predict take these from the command line and every other option from the run's own
-# flags.txt, so they need no dataset or model flags and cannot describe another run than the one saved.
-RUN_JOB_OPTIONS = ("job", "model_dir", "export_format", "inputs", "output", "top_k", "batch_size",
-                   "strategy", "cpu_replicas", "tpu")
+# Jobs that use a trained run: they take every option not given on the command line from the run's own
+# flags.txt (so --model_dir is all they need), and refuse a given one that would describe another model.
+RUN_JOBS = ("evaluate", "export", "predict")
+RUN_MODEL = ("dataset", "label_subset", "backbone", "alpha", "image_size")
 EVERY_MODE_JOBS = ("compare", "benchmark")  # Jobs that run every mode: the flags describe finetune.
 BN_POLICIES = ("frozen", "train")
 AUGMENTATIONS = ("none", "flip", "flip_crop")
@@ -223,7 +223,7 @@ def define_flags(flag_values=flags.FLAGS):
 
 
 def from_flags(flag_values=flags.FLAGS):
-    """Builds and validates the Config from parsed flags."""
+    """Builds and validates the Config from parsed flags; for RUN_JOBS, completed from the run's flags.txt."""
     values = {}
     for field in dataclasses.fields(Config):
         value = flag_values[field.name].value
@@ -232,12 +232,16 @@ def from_flags(flag_values=flags.FLAGS):
         elif field.metadata["kind"] is list:
             value = tuple(value)
         values[field.name] = value
-    return validate(Config(**values))
+    config = validate(Config(**values))
+    if config.job not in RUN_JOBS:
+        return config
+    return of_run(config, given={field.name for field in dataclasses.fields(Config) if flag_values[field.name].present})
 
 
-def of_run(config):
-    """The config of the run in `config.model_dir` (its flags.txt), with the job options of `config`
-    (RUN_JOB_OPTIONS); a directory without flags.txt is refused."""
+def of_run(config, *, given):
+    """The config of the run in `config.model_dir` (its flags.txt) with the options in `given` taken from
+    `config`; one of RUN_MODEL given with another value than the run's is refused, as is a directory
+    without flags.txt."""
     path = os.path.join(config.model_dir, "flags.txt")
     if not os.path.isfile(path):
         raise ConfigError("model_dir", config.model_dir, "has no flags.txt: not a run directory (train it first)")
@@ -248,7 +252,12 @@ def of_run(config):
     except flags.Error as error:
         raise ConfigError("model_dir", config.model_dir, f"has a flags.txt this version cannot read ({error})") from None
     run = from_flags(saved)
-    return validate(dataclasses.replace(run, **{name: getattr(config, name) for name in RUN_JOB_OPTIONS}))
+    for name in RUN_MODEL:
+        if name in given and getattr(config, name) != getattr(run, name):
+            shown = getattr(run, name)
+            shown = ",".join(map(str, shown)) if isinstance(shown, tuple) else shown
+            raise ConfigError(name, getattr(config, name), f"the run in {config.model_dir} has --{name}={shown}")
+    return validate(dataclasses.replace(run, **{name: getattr(config, name) for name in given | {"job", "model_dir"}}))
 
 
 def _parse_labels(items):

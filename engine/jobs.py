@@ -1,4 +1,5 @@
-"""The jobs (`--job=`): one function each, taking a validated config.
+"""The jobs (`--job=`): one function each, taking a validated config (evaluate, export and predict get
+the run's own, completed from its flags.txt: engine/config.py).
 
     train      engine/training.py   assemble, resume, train, write the run's results
     evaluate   here                 the latest checkpoint on the eval and test splits
@@ -11,7 +12,6 @@
 from absl import logging
 
 from engine import assembly, benchmark, compare, export, predict, training
-from engine import config as config_lib
 from engine.run_dir import RunDir
 from engine.trainer import Stages
 from errors import ConfigError
@@ -42,8 +42,8 @@ def evaluate(config):
 JOBS = {
     "train": training.train,
     "evaluate": evaluate,
-    "export": lambda config: export.export(config_lib.of_run(config)),
-    "predict": lambda config: predict.predict(config_lib.of_run(config)),
+    "export": export.export,
+    "predict": predict.predict,
     "benchmark": benchmark.benchmark,
     "compare": compare.compare,
 }

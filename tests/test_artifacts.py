@@ -11,8 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine import export, jobs
-from engine.config import Config, validate
+from engine import export
 from engine.run_dir import RunDir
 from helpers import ROOT, launch_in_process, train_run
 
@@ -177,10 +176,9 @@ def test_predict_writes_one_row_per_readable_image_with_the_models_top_classes(d
     os.makedirs(output.parent)
     run = str(tmp_path / "run")
     shutil.copytree(pretrained_run, run)
-    config = validate(Config(job="predict", model_dir=run, inputs=(str(folder),), output=str(output), top_k=2,
-                             batch_size=2))
-    result = jobs.JOBS["predict"](config)
-    assert result["unreadable"] == [str(folder / "broken.jpg")]
+    status, stderr = launch_in_process("--job=predict", f"--model_dir={run}", f"--inputs={folder}",
+                                       f"--output={output}", "--top_k=2", "--batch_size=2")
+    assert status == 0, stderr
     with open(output) as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["path", "label", "probability", "label_2", "probability_2"]

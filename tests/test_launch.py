@@ -125,6 +125,9 @@ BAD_INPUT = [
     (["--job=predict"], "--inputs=: --job=predict needs images: files, folders or globs"),
     (["--job=predict", "--inputs=/no/such/*.png,/no/file.jpg"], "--inputs=/no/such/*.png,/no/file.jpg: no image file found"),
     (["--job=predict", "--inputs={file}", "--top_k=0"], "--top_k=0: must be positive"),
+    (["--job=evaluate", "--label_subset=0,2"], "--label_subset=0,2: the run in {run} has --label_subset=6,0,2"),
+    (["--job=export", "--image_size=64"], "--image_size=64: the run in {run} has --image_size=32"),
+    (["--job=predict", "--inputs={file}", "--backbone=resnet50"], "--backbone=resnet50: the run in {run} has --backbone=small_cnn"),
 ]
 
 
@@ -231,6 +234,11 @@ def test_rerunning_a_finished_run_changes_no_file_and_a_larger_epochs_continues_
     status, stderr = launch_in_process(*tiny_flags(config), "--epochs=2")
     assert status == 0, stderr
     assert read_json(tmp_path / "run" / "results.json")["global_step"] == 2 * first["global_step"]
+    # --model_dir is all evaluate needs: the rest comes from the run's flags.txt.
+    status, stderr = launch_in_process("--job=evaluate", f"--model_dir={tmp_path / 'run'}")
+    assert status == 0, stderr
+    evaluated, results = (read_json(tmp_path / "run" / name) for name in ("evaluation.json", "results.json"))
+    assert (evaluated["test_accuracy"], evaluated["test_examples"]) == (results["test_accuracy"], results["test_examples"])
 
 
 def test_blocking_the_network_blocks_it(monkeypatch):

@@ -20,6 +20,7 @@ import os
 import re
 import time
 
+import numpy as np
 import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -46,6 +47,8 @@ class Examples:
     dataset: tf.data.Dataset  # (uint8 image [size, size, channels] or its features, label)
     count: int  # Examples that decoded.
     skipped: int  # Examples of the shard that did not decode.
+    class_counts: tuple = ()  # Examples that decoded, per class.
+    undecodable: tuple = ()  # Names of the examples that did not (Source.example_name).
 
 
 def options(deterministic):
@@ -81,7 +84,8 @@ def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic
     """Decodes, resizes and caches this worker's shard of `split`, counting what decoded.
 
     `cache` is "memory", "none", or a directory for cache files (reused by later runs with the same
-    split, size and label subset). Undecodable images are skipped (TensorFlow logs each one).
+    split, size and label subset). Undecodable images are skipped, and named (a second pass, only
+    when there are some).
     """
     channels = split.source.channels
     dataset = split.source.read(split.name)
@@ -90,7 +94,7 @@ def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic
     dataset = dataset.map(
         lambda image, label: (decode(image, image_size=image_size, channels=channels), label),
         num_parallel_calls=AUTOTUNE,
-    ).ignore_errors(log_warning=True)
+    ).ignore_errors()
     if cache == "memory":
         dataset = dataset.cache()
     elif cache != "none":
@@ -98,8 +102,28 @@ def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic
         name = f"{split.source.name}_{split.source.label_subset}_{split.name}_{image_size}px_{worker.index}of{worker.count}"
         dataset = dataset.cache(os.path.join(cache, re.sub(r"[^\w.-]+", "_", name)))
     dataset = dataset.with_options(options(deterministic))
-    count = int(dataset.reduce(tf.constant(0, tf.int64), lambda total, _: total + 1))
-    return Examples(split=split, dataset=dataset, count=count, skipped=worker.shard_size(split.num_examples) - count)
+    class_counts = np.zeros(split.source.num_classes, np.int64)
+    for labels in dataset.map(lambda image, label: label).batch(8192).as_numpy_iterator():
+        class_counts += np.bincount(labels, minlength=len(class_counts))
+    count = int(class_counts.sum())
+    skipped = worker.shard_size(split.num_examples) - count
+    return Examples(
+        split=split, dataset=dataset, count=count, skipped=skipped, class_counts=tuple(int(n) for n in class_counts),
+        undecodable=_undecodable(split, worker, channels) if skipped else (),
+    )
+
+
+def _undecodable(split, worker, channels):
+    """Names of this worker's examples of `split` that do not decode."""
+    indexed = split.source.read(split.name).enumerate()
+    if worker.count > 1:
+        indexed = indexed.shard(worker.count, worker.index)
+    everything = indexed.map(lambda index, example: index)
+    decoded = indexed.map(
+        lambda index, example: (index, tf.io.decode_image(example[0], channels=0, expand_animations=False))
+    ).ignore_errors().map(lambda index, image: index)
+    missing = set(everything.as_numpy_iterator()) - set(decoded.as_numpy_iterator())
+    return tuple(split.source.example_name(split.name, int(index)) for index in sorted(missing))
 
 
 def epoch_steps(examples, global_batch_size, num_workers=1, cap=None):

@@ -69,6 +69,10 @@ class Source:
         dataset = dataset.map(lambda image, label: (image, tf.gather(new_label, label)))
         return dataset.filter(lambda image, label: label >= 0)
 
+    def example_name(self, split, index):
+        """How a user finds example `index` of `split` (as read, after the label subset)."""
+        return f"{split}[{index}]"
+
     def split(self, split, flag):
         """The split named by `--flag=split`, with its exact size; refuses one that selects nothing."""
         counts = None
@@ -152,6 +156,12 @@ class FolderSource(Source):
                 f"needs one sub-folder of images per class ({len(class_names)} sub-folders, "
                 f"{len(files)} images)",
             )
+        empty = [name for label, name in enumerate(class_names) if all(file[1] != label for file in files)]
+        if empty:
+            raise ConfigError(
+                "dataset", FOLDER_PREFIX + root,
+                f"class folder {empty[0]} has no image ({', '.join(IMAGE_EXTENSIONS)}); remove it or add images",
+            )
         order = np.random.default_rng(0).permutation(len(files))
         self.paths = np.array([files[i][0] for i in order])
         self.labels = np.array([files[i][1] for i in order], np.int64)
@@ -163,15 +173,22 @@ class FolderSource(Source):
         return internals.split_slices(split, len(self.paths))
 
     def _read(self, split):
-        ranges = self._ranges(split)
-        paths = np.concatenate([self.paths[r] for r in ranges])
-        labels = np.concatenate([self.labels[r] for r in ranges])
+        paths, labels = self._selected(split, self.paths), self._selected(split, self.labels)
         return tf.data.Dataset.from_tensor_slices((paths, labels)).map(
             lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=tf.data.AUTOTUNE
         )
 
+    def example_name(self, split, index):
+        paths, labels = self._selected(split, self.paths), self._selected(split, self.labels)
+        if self.label_subset:
+            paths = paths[np.isin(labels, self.label_subset)]
+        return str(paths[index])
+
+    def _selected(self, split, values):
+        return np.concatenate([values[r] for r in self._ranges(split)])
+
     def _label_counts(self, split):
-        labels = np.concatenate([self.labels[r] for r in self._ranges(split)])
+        labels = self._selected(split, self.labels)
         return np.bincount(labels, minlength=len(self.all_class_names))
 
 

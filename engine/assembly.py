@@ -26,6 +26,7 @@ from models import modes, trainability
 from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights
 
 SPLITS = ("train", "eval", "test")
+NAMED_UNDECODABLE = 5  # Undecodable examples named in the log; the rest are counted.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,10 +189,17 @@ def _prepare(config, source, worker, name):
     if prepared.count == 0:
         raise ConfigError(f"{name}_split", split_name, "has no image that decodes")
     logging.info(
-        "%s: %s, %d examples decoded%s in %.1f s%s", name, split_name, prepared.count,
+        "%s: %s, %d examples decoded%s in %.1f s", name, split_name, prepared.count,
         "" if config.cache == "none" else " and cached", time.perf_counter() - started,
-        f", {prepared.skipped} undecodable skipped" if prepared.skipped else "",
     )
+    if prepared.skipped:
+        shown = prepared.undecodable[:NAMED_UNDECODABLE]
+        more = prepared.skipped - len(shown)
+        logging.warning("%s: %d undecodable examples skipped: %s%s", name, prepared.skipped, ", ".join(shown),
+                        f" and {more} more" if more > 0 else "")
+    if name == "train" and 0 in prepared.class_counts:
+        absent = source.class_names[prepared.class_counts.index(0)]
+        raise ConfigError("train_split", split_name, f"has no image of class {absent} that decodes")
     return prepared
 
 

@@ -259,11 +259,36 @@ def test_a_folder_dataset_has_classes_splits_and_skips_a_corrupt_image(tiny, tmp
     assert source.split("train[:50%]", "train_split").num_examples + source.split(
         "train[50%:]", "eval_split").num_examples == 13
     examples = pipeline.prepare(whole, image_size=24)
-    assert (examples.count, examples.skipped) == (12, 1)
+    assert (examples.count, examples.skipped, examples.class_counts) == (12, 1, (6, 6))
+    assert examples.undecodable == (str(tmp_path / "dog" / "broken.jpg"),)
+    swapped = sources.open_source(tiny(dataset=f"folder:{tmp_path}", label_subset=(1, 0)))
+    assert pipeline.prepare(swapped.split("train", "train_split"), image_size=24).undecodable == (
+        str(tmp_path / "dog" / "broken.jpg"),
+    )
     with pytest.raises(ConfigError, match=r"not a split of folder:.*Unknown split 'test'"):
         source.split("test", "test_split")
     only_dogs = sources.open_source(tiny(dataset=f"folder:{tmp_path}", label_subset=(1, 0)))
     assert only_dogs.class_names == ("dog", "cat")
+
+
+def test_an_empty_class_folder_is_refused(tiny, tmp_path):
+    _write_folder(tmp_path)
+    os.makedirs(tmp_path / "bird")
+    (tmp_path / "bird" / "readme.txt").write_text("no images yet")
+    with pytest.raises(ConfigError, match=r"^--dataset=folder:.*: class folder bird has no image \(\.jpg, "):
+        sources.open_source(tiny(dataset=f"folder:{tmp_path}", label_subset=()))
+
+
+def test_a_class_whose_images_all_fail_to_decode_is_one_line(tiny, tmp_path):
+    from helpers import launch_in_process, tiny_flags
+
+    _write_folder(tmp_path / "images")
+    for image in (tmp_path / "images" / "dog").iterdir():
+        image.write_bytes(b"not an image")
+    config = tiny(dataset=f"folder:{tmp_path / 'images'}", label_subset=(), train_split="train", eval_split="",
+                  test_split="", model_dir=str(tmp_path / "run"), batch_size=2)
+    status, stderr = launch_in_process(*tiny_flags(config))
+    assert (status, stderr) == (2, "error: --train_split=train: has no image of class dog that decodes\n")
 
 
 def test_a_folder_without_class_folders_is_refused(tiny, tmp_path):

@@ -10,6 +10,7 @@ installed versions.
 
 import contextlib
 import errno
+import os
 import re
 import urllib.error
 
@@ -157,6 +158,31 @@ def op_flops(graph, op):
         return tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value or 0
     except ValueError:  # An op with unknown shapes: not a convolution or matmul of this model.
         return 0
+
+
+# --- TensorFlow checkpoints and logging ----------------------------------------------------------------
+# Relies on: tensorflow.python.checkpoint.checkpoint_management.update_checkpoint_state_internal (what
+# the deprecated tf.compat.v1.train.update_checkpoint_state calls) and tensorflow.python.util.deprecation.
+
+
+def write_checkpoint_state(directory, latest, paths):
+    """Points `directory`'s `checkpoint` state file at `latest`, listing `paths` (oldest first) with their
+    files' times, so a CheckpointManager opened on it manages them (deletes them beyond max_to_keep)."""
+    from tensorflow.python.checkpoint import checkpoint_management
+
+    times = [os.path.getmtime(path + ".index") for path in paths]
+    checkpoint_management.update_checkpoint_state_internal(
+        directory, latest, all_model_checkpoint_paths=paths, all_model_checkpoint_timestamps=times,
+        last_preserved_timestamp=min(times) - 1,
+    )
+
+
+def quiet_deprecations():
+    """TensorFlow's deprecation notices name its own internals (the preemption handler calls a deprecated
+    property of itself): nothing a user can act on."""
+    from tensorflow.python.util import deprecation
+
+    deprecation._PRINT_DEPRECATION_WARNINGS = False
 
 
 # --- What Keras and TFDS errors mean -----------------------------------------------------------------

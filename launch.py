@@ -40,6 +40,7 @@ def configure_logging():
     if _from_this_project not in handler.filters:
         handler.addFilter(_from_this_project)
     tf.get_logger().setLevel("WARNING")  # TensorFlow's own Python logger has its own handler.
+    internals.quiet_deprecations()
     warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
 
 

@@ -24,6 +24,7 @@ import sys
 from absl import logging
 import tensorflow as tf
 
+import internals
 from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, first_line
 
 
@@ -97,6 +98,7 @@ class Checkpoints:
                 status.expect_partial()
             else:
                 status.assert_existing_objects_matched()
+                status.expect_partial()  # The preemption handler's counter is restored once it attaches.
         except (AssertionError, ValueError, tf.errors.OpError) as error:
             raise ConfigError(
                 "model_dir", self._run_dir(), f"its checkpoint does not fit this configuration ({first_line(error)})",
@@ -108,9 +110,7 @@ class Checkpoints:
                 logging.warning("The checkpoint state file %s was missing: rebuilt from the %d checkpoints "
                                 "present", os.path.join(self.directory, "checkpoint"), len(present))
             intact = [older for older in present if older not in damaged]
-            tf.compat.v1.train.update_checkpoint_state(
-                self.directory, path, all_model_checkpoint_paths=list(reversed(intact))
-            )
+            internals.write_checkpoint_state(self.directory, path, list(reversed(intact)))
             self._open()
         return path
 

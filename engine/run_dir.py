@@ -106,8 +106,11 @@ class RunDir:
 
     def record_epoch(self, record):
         """An epoch's metrics: a line of metrics.jsonl and TensorBoard scalars in logs/train, logs/eval."""
-        with open(self.file("metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path, earlier = self.file("metrics.jsonl"), ""
+        if os.path.exists(path):
+            with open(path) as f:
+                earlier = f.read()
+        write_atomic(path, earlier + json.dumps(record) + "\n")  # Rewritten whole: never half a line.
         if self._writers is None:
             self._writers = {name: tf.summary.create_file_writer(self.file("logs", name)) for name in ("train", "eval")}
         step = record["global_step"]

@@ -187,6 +187,8 @@ def test_a_lost_state_file_is_rebuilt_and_the_run_resumes_from_the_newest(data_d
     assert f"was missing: rebuilt from the {len(steps)} checkpoints present" in resumed.stderr
     assert f"Resuming from {model_dir}/checkpoints/ckpt-{steps[0]} (step {steps[0]}," in resumed.stderr
     assert_same_run(model_dir, reference)
+    kept = [name for name in os.listdir(os.path.join(model_dir, "checkpoints")) if name.endswith(".index")]
+    assert len(kept) == 3, f"the rebuilt checkpoints were never cleaned up: {sorted(kept)}"  # --keep_checkpoints
 
 
 def test_a_corrupted_checkpoint_is_called_damaged_and_none_intact_is_one_line(data_dir, reference, tmp_path):

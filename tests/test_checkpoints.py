@@ -105,32 +105,20 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_results(data_dir
     assert_same_run(model_dir, reference)
 
 
-def test_sigterm_checkpoints_exits_75_and_the_rerun_finishes_the_same(data_dir, reference, tmp_path):
-    model_dir = str(tmp_path / "preempted")
-    args = resumable(data_dir, model_dir)
-    preempted = _interrupt(args, model_dir, signal.SIGTERM, after_step=40)
-    stderr = preempted.stderr.read()
-    assert preempted.returncode == EXIT_PREEMPTED, stderr[-3000:]
-    saved = re.search(r"Preempted: saved (\S+) at step (\d+); rerun the same command", stderr)
-    assert saved, stderr[-3000:]
-    assert saved.group(1).endswith(f"ckpt-{saved.group(2)}") and int(saved.group(2)) % 20 != 0
-
-    resumed = launch(*args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"(step {saved.group(2)}," in resumed.stderr
-    assert_same_run(model_dir, reference)
-
-
-def test_ctrl_c_checkpoints_exits_130_without_a_traceback_and_the_rerun_finishes_the_same(
-    data_dir, reference, tmp_path
+@pytest.mark.parametrize("sig, status, word", [
+    (signal.SIGTERM, EXIT_PREEMPTED, "Preempted"),  # Schedulers' and cloud preemption's signal: exit 75.
+    (signal.SIGINT, EXIT_INTERRUPTED, "Interrupted"),  # Ctrl-C: exit 130.
+])
+def test_sigterm_and_ctrl_c_checkpoint_exit_in_one_line_and_the_rerun_finishes_the_same(
+    data_dir, reference, tmp_path, sig, status, word
 ):
-    model_dir = str(tmp_path / "interrupted")
+    model_dir = str(tmp_path / "stopped")
     args = resumable(data_dir, model_dir)
-    interrupted = _interrupt(args, model_dir, signal.SIGINT, after_step=40)
-    stderr = interrupted.stderr.read()
-    assert interrupted.returncode == EXIT_INTERRUPTED, stderr[-3000:]
+    stopped = _interrupt(args, model_dir, sig, after_step=40)
+    stderr = stopped.stderr.read()
+    assert stopped.returncode == status, stderr[-3000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
-    saved = re.search(r"Interrupted: saved (\S+) at step (\d+); rerun the same command", stderr)
+    saved = re.search(rf"{word}: saved (\S+) at step (\d+); rerun the same command", stderr)
     assert saved, stderr[-3000:]
     assert saved.group(1).endswith(f"ckpt-{saved.group(2)}") and int(saved.group(2)) % 20 != 0
 

@@ -197,7 +197,8 @@ def _prepare(config, source, worker, name):
         more = prepared.skipped - len(shown)
         logging.warning("%s: %d undecodable examples skipped: %s%s", name, prepared.skipped, ", ".join(shown),
                         f" and {more} more" if more > 0 else "")
-    if name == "train" and 0 in prepared.class_counts:
+    # With several workers a shard may lack a class that the split has: only one worker sees it all.
+    if name == "train" and worker.count == 1 and 0 in prepared.class_counts:
         absent = source.class_names[prepared.class_counts.index(0)]
         raise ConfigError("train_split", split_name, f"has no image of class {absent} that decodes")
     return prepared

@@ -145,11 +145,14 @@ def test_a_half_written_checkpoint_is_never_the_one_resumed(data_dir, reference,
 
 
 def _killed_mid_run(data_dir, tmp_path, name):
-    """A run SIGKILLed after its checkpoint past step 60: (args, model_dir, checkpoint steps, newest first)."""
+    """A run SIGKILLed after its checkpoint past step 60: (args, model_dir, the steps of the checkpoint files
+    present, newest first). From the files, not the state file: a kill between TensorFlow's writing a
+    checkpoint and its updating (or sweeping) the state file leaves one more or one less listed there."""
     model_dir = str(tmp_path / name)
     args = resumable(data_dir, model_dir)
     assert _interrupt(args, model_dir, signal.SIGKILL, after_step=60).returncode == -signal.SIGKILL
-    return args, model_dir, sorted(_checkpoint_steps(model_dir), reverse=True)
+    files = os.listdir(os.path.join(model_dir, "checkpoints"))
+    return args, model_dir, sorted((int(m) for m in re.findall(r"ckpt-(\d+)\.index", " ".join(files))), reverse=True)
 
 
 def test_a_truncated_latest_checkpoint_is_skipped_and_the_run_ends_the_same(data_dir, reference, tmp_path):

@@ -109,18 +109,18 @@ def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic
     skipped = worker.shard_size(split.num_examples) - count
     return Examples(
         split=split, dataset=dataset, count=count, skipped=skipped, class_counts=tuple(int(n) for n in class_counts),
-        undecodable=_undecodable(split, worker, channels) if skipped else (),
+        undecodable=_undecodable(split, worker, image_size, channels) if skipped else (),
     )
 
 
-def _undecodable(split, worker, channels):
-    """Names of this worker's examples of `split` that do not decode."""
+def _undecodable(split, worker, image_size, channels):
+    """Names of this worker's examples of `split` that `decode` skips."""
     indexed = split.source.read(split.name).enumerate()
     if worker.count > 1:
         indexed = indexed.shard(worker.count, worker.index)
     everything = indexed.map(lambda index, example: index)
     decoded = indexed.map(
-        lambda index, example: (index, tf.io.decode_image(example[0], channels=0, expand_animations=False))
+        lambda index, example: (index, decode(example[0], image_size=image_size, channels=channels))
     ).ignore_errors().map(lambda index, image: index)
     missing = set(everything.as_numpy_iterator()) - set(decoded.as_numpy_iterator())
     return tuple(split.source.example_name(split.name, int(index)) for index in sorted(missing))

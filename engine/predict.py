@@ -50,7 +50,7 @@ def predict(config):
         logits = model(images, training=False)
         return keras.ops.sigmoid(logits) if logits.shape[-1] == 1 else keras.ops.softmax(logits)
 
-    rows, read = [], set()
+    rows = []
     with tqdm.tqdm(total=len(paths), unit="img", desc="predict", leave=False) as bar:
         for indices, images in batches:
             indices = devices.strategy.gather(indices, axis=0).numpy()
@@ -60,8 +60,8 @@ def predict(config):
             for index, p in zip(indices, probs):
                 top = np.argsort(-p, kind="stable")[:top_k]
                 rows.append((index, [paths[index]] + [x for k in top for x in (class_names[k], f"{p[k]:.6f}")]))
-                read.add(int(index))
             bar.update(len(indices))
+    read = {int(index) for index, _ in rows}
     unreadable = [path for index, path in enumerate(paths) if index not in read]
     if unreadable:
         logging.warning(

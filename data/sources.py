@@ -6,8 +6,13 @@ Splits are TFDS split strings (`train[:80%]`, `train[80%:90]`, `train+test`) for
 form one split, `train`, cut by TFDS's own ReadInstruction rules.
 """
 
+import contextlib
 import dataclasses
+import io
 import os
+import urllib.error
+import urllib.parse
+import urllib.request
 
 from absl import logging
 import numpy as np
@@ -216,16 +221,60 @@ def open_source(config):
         features["label"], tfds.features.ClassLabel
     ):
         raise ConfigError("dataset", name, "has no 'image' and ClassLabel 'label' features")
+    if not builder.data_path.exists():  # TFDS's own test (is_prepared() warns when it is not).
+        _prepare(builder, name, manual_dir)
+    return TfdsSource(builder, name=name, label_subset=config.label_subset)
+
+
+# Builders this project prepares from files on this machine: no download, so no progress to show.
+LOCAL_BUILDERS = ("fashion_mnist_idx", "fashion_mnist_sample")
+PROBE_SECONDS = 5
+
+
+def _prepare(builder, name, manual_dir):
+    """Downloads (after checking the network answers) and prepares a TFDS dataset once, into
+    --data_dir; a local one quietly, with one line instead of TFDS's prints and progress bars."""
+    offline_advice = (
+        "point --data_dir at a prepared TFDS copy or --manual_dir at its downloaded files"
+        + (", or install Debian's dataset-fashion-mnist package" if name == "fashion_mnist" else "")
+    )
+    local = builder.name in LOCAL_BUILDERS
+    if local:
+        logging.info("%s: preparing it for TFDS in %s (once)", name, builder.data_dir)
+    elif not manual_dir:
+        unreachable = _unreachable(builder.url_infos or {})
+        if unreachable:
+            raise ConfigError("dataset", name, f"must be downloaded, but {unreachable}; offline, {offline_advice}")
+    quiet = contextlib.redirect_stdout(io.StringIO()) if local else contextlib.nullcontext()
+    tfds.display_progress_bar(not local)
     try:
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-        )
+        with quiet:
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     except Exception as error:  # TFDS raises several kinds; any other is re-raised.
         if not internals.is_prepare_failure(error):
             raise
         raise ConfigError(
-            "dataset", name,
-            f"could not be downloaded or prepared ({first_line(error)}); point --data_dir at a "
-            "prepared TFDS copy or --manual_dir at its downloaded files",
+            "dataset", name, f"could not be downloaded or prepared ({first_line(error)}); {offline_advice}"
         ) from None
-    return TfdsSource(builder, name=name, label_subset=config.label_subset)
+    finally:
+        tfds.display_progress_bar(True)
+
+
+def _unreachable(urls):
+    """Why the host of the first of `urls` cannot be reached (None if it answers, or there is no URL):
+    one request, PROBE_SECONDS at most, through the same proxies as TFDS's downloads. Offline, TFDS
+    would retry each file for minutes before failing."""
+    url = next(iter(urls), None)
+    if url is None:
+        return None
+    host = urllib.parse.urlsplit(url)
+    try:
+        urllib.request.urlopen(
+            urllib.request.Request(f"{host.scheme}://{host.netloc}/", method="HEAD"), timeout=PROBE_SECONDS
+        ).close()
+    except urllib.error.HTTPError:
+        return None  # It answered.
+    except (OSError, ValueError) as error:
+        return f"{host.netloc} cannot be reached ({getattr(error, 'reason', error)})"
+    return None
+    return None

@@ -65,6 +65,22 @@ def test_the_idx_files_are_found_in_the_manual_dir_first_then_in_debians(tmp_pat
     assert fashion_mnist_idx.find_files(str(tmp_path / "manual")) == str(tmp_path / "manual")
 
 
+def test_the_shipped_sample_is_the_whole_sets_splits_it_names(tiny, tmp_path):
+    """data/fashion_mnist_sample holds what write_sample makes from the whole set (byte for byte), and
+    read through TFDS each of its splits gives the examples of the whole set's split, in its order."""
+    whole = sources.open_source(tiny(label_subset=fashion_mnist_idx.SAMPLE_LABELS))
+    fashion_mnist_idx.write_sample(whole.builder, str(tmp_path))
+    for split in fashion_mnist_idx.SAMPLE:
+        for path in fashion_mnist_idx.sample_paths(split):
+            with open(path, "rb") as shipped, open(tmp_path / os.path.basename(path), "rb") as made:
+                assert shipped.read() == made.read(), f"{path} is not what write_sample makes"
+    sample = sources.open_source(tiny(dataset="fashion_mnist_sample", label_subset=fashion_mnist_idx.SAMPLE_LABELS))
+    for split, selection in fashion_mnist_idx.SAMPLE.items():
+        ours, theirs = (list(source.read(name).as_numpy_iterator()) for source, name in ((sample, split), (whole, selection)))
+        assert len(ours) == len(theirs) == sample.split(split, "train_split").num_examples
+        assert all(a[0] == b[0] and a[1] == b[1] for a, b in zip(ours, theirs)), f"{split} differs from {selection}"
+
+
 def _labels(source, split):
     return np.concatenate([labels for _, labels in source.read(split).batch(1000).as_numpy_iterator()])
 
@@ -298,7 +314,8 @@ def test_a_folder_without_class_folders_is_refused(tiny, tmp_path):
         sources.open_source(tiny(dataset="folder:/no/such/dir"))
 
 
-def test_mock_cats_vs_dogs_decodes_images_of_any_size(tiny):
+def test_mock_cats_vs_dogs_decodes_images_of_any_size(tiny, monkeypatch):
+    monkeypatch.setattr(sources, "_unreachable", lambda urls: None)  # The mock stands in for the download.
     with tfds.testing.mock_data(num_examples=12):
         source = sources.open_source(tiny(dataset="cats_vs_dogs", label_subset=(), data_dir=None))
         assert source.class_names == ("cat", "dog") and source.channels == 3

@@ -12,6 +12,8 @@ import contextlib
 import errno
 import os
 import re
+import sys
+import tempfile
 import urllib.error
 
 import keras
@@ -175,6 +177,35 @@ def write_checkpoint_state(directory, latest, paths):
         directory, latest, all_model_checkpoint_paths=paths, all_model_checkpoint_timestamps=times,
         last_preserved_timestamp=min(times) - 1,
     )
+
+
+NATIVE_CHATTER = re.compile(r"(INFO: |fully_quantize: )")  # LiteRT's and its converter's INFO lines.
+
+
+@contextlib.contextmanager
+def quiet_native_info():
+    """Holds what native code writes to file descriptors 1 and 2 while the block runs, then writes back
+    every line but NATIVE_CHATTER's: LiteRT's interpreter ("INFO: Created TensorFlow Lite XNNPACK
+    delegate") and the TFLite converter ("fully_quantize: 0, ...") print INFO lines from C++ that
+    neither TF_CPP_MIN_LOG_LEVEL nor a Python logger controls."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    held = {fd: tempfile.TemporaryFile() for fd in saved}
+    try:
+        for fd, file in held.items():
+            os.dup2(file.fileno(), fd)
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, file in held.items():
+            os.dup2(saved[fd], fd)
+            os.close(saved[fd])
+            file.seek(0)
+            kept = [line for line in file.read().splitlines(keepends=True) if not NATIVE_CHATTER.match(line.decode(errors="replace"))]
+            file.close()
+            os.write(fd, b"".join(kept))
 
 
 def quiet_deprecations():

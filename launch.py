@@ -26,20 +26,30 @@ from engine import jobs  # noqa: E402
 config_lib.define_flags()
 flags.adopt_module_key_flags(config_lib)  # So --help lists them.
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Where this project's modules are: its top-level modules and its packages (setup.cfg's), no deeper.
+PROJECT_DIRS = frozenset([ROOT] + [os.path.join(ROOT, package) for package in ("engine", "models", "data")])
 
 
 def _from_this_project(record):
-    return record.levelno >= std_logging.WARNING or record.pathname.startswith(ROOT)
+    """Keeps WARNING and above from anyone, INFO from this project's modules only: absl logs every
+    library's lines through one logger, so the file a line comes from is what tells them apart (not a
+    path prefix: a virtualenv at /x/repo-venv or /x/repo/venv is not the project at /x/repo)."""
+    return record.levelno >= std_logging.WARNING or os.path.dirname(os.path.abspath(record.pathname)) in PROJECT_DIRS
 
 
-def configure_logging():
-    """Time-stamped INFO lines from this project; libraries only speak up from WARNING."""
-    logging.set_verbosity(logging.INFO)
+def configure_logging(everything=False):
+    """Time-stamped INFO lines from this project; libraries only speak up from WARNING. With absl's
+    --verbosity given (`everything`), its level holds for every library's lines."""
     handler = logging.get_absl_handler().python_handler
     handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    if _from_this_project not in handler.filters:
-        handler.addFilter(_from_this_project)
-    tf.get_logger().setLevel("WARNING")  # TensorFlow's own Python logger has its own handler.
+    if everything:
+        handler.removeFilter(_from_this_project)
+        tf.get_logger().setLevel(std_logging.NOTSET)
+    else:
+        logging.set_verbosity(logging.INFO)
+        if _from_this_project not in handler.filters:
+            handler.addFilter(_from_this_project)
+        tf.get_logger().setLevel("WARNING")  # TensorFlow's own Python logger has its own handler.
     internals.quiet_deprecations()
     warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
 
@@ -63,7 +73,7 @@ def main(argv):
     """Runs the job of the parsed flags; returns the exit status."""
     if len(argv) > 1:
         fail(f"unexpected argument {argv[1]!r} (flags look like --name=value)")
-    configure_logging()
+    configure_logging(everything=flags.FLAGS["verbosity"].present)
     try:
         internals.check_versions()
         config = config_lib.from_flags()

@@ -21,6 +21,7 @@ import tensorflow as tf
 from data import pipeline, sources
 from engine.run_dir import RunDir, replace_atomic
 from errors import ConfigError, RunError
+import internals
 
 CALIBRATION_IMAGES = 300
 # A float artifact computes what the Keras model computes, in another order: its logits may differ by
@@ -103,10 +104,11 @@ def write_litert_int8(model, path, *, config, source):
 def _litert(model, path, image_size, **converter_options):
     """Keras' LiteRT export (TensorFlow's TFLite converter; `converter_options` set its attributes) of
     the model in inference mode, for uint8 images at `image_size`."""
-    replace_atomic(path, lambda temporary: model.export(
-        temporary, format="litert", verbose=False, input_signature=[input_spec(model, image_size)],
-        **converter_options,
-    ))
+    with internals.quiet_native_info():
+        replace_atomic(path, lambda temporary: model.export(
+            temporary, format="litert", verbose=False, input_signature=[input_spec(model, image_size)],
+            **converter_options,
+        ))
 
 
 WRITERS = {"saved_model": write_saved_model, "litert": write_litert, "litert_int8": write_litert_int8}
@@ -127,6 +129,8 @@ def runner(name, path):
     from ai_edge_litert.interpreter import Interpreter  # Only export needs it.
 
     interpreter = Interpreter(model_path=path)
+    with internals.quiet_native_info():
+        interpreter.allocate_tensors()
     (input_detail,), (output_detail,) = interpreter.get_input_details(), interpreter.get_output_details()
     shape = [None]
 

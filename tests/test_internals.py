@@ -1,6 +1,7 @@
 """internals.py, the one door to library internals: run this file after upgrading Keras, TensorFlow or
 TensorFlow Datasets. Each test checks one thing the project relies on against the installed versions."""
 
+import os
 import urllib.error
 
 import keras
@@ -155,3 +156,13 @@ def test_full_disk_errors_name_the_file_and_other_errors_are_none():
         assert internals.full_disk_path(outer) == "/d/q"
     assert internals.full_disk_path(OSError(errno.EACCES, "Permission denied", "/d/x")) is None
     assert internals.full_disk_path(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating")) is None
+
+
+def test_native_info_lines_are_held_back_and_everything_else_is_written(capfd):
+    with internals.quiet_native_info():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+        os.write(2, b"fully_quantize: 0, inference_type: 6, input_inference_type: UINT8\n")
+        os.write(2, b"ERROR: a native error a user must see\n")
+        os.write(1, b"INFO: on stdout too\nprinted\n")
+    out, err = capfd.readouterr()
+    assert (out, err) == ("printed\n", "ERROR: a native error a user must see\n")

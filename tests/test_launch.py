@@ -438,3 +438,37 @@ def test_a_folder_dataset_skips_and_counts_a_corrupt_image(tmp_path):
     results = read_json(os.path.join(model_dir, "results.json"))
     assert results["skipped_examples"] == {"train": 1}
     assert results["global_step"] == 16 // 4
+
+
+def _record(pathname, level):
+    import logging as std_logging
+
+    return std_logging.LogRecord("absl", level, pathname, 1, "a line", (), None)
+
+
+def test_the_log_keeps_this_projects_info_lines_and_only_libraries_warnings():
+    import logging as std_logging
+
+    import launch
+
+    site = "lib/python3.11/site-packages/tensorflow/python/checkpoint/sharding/sharding_util.py"
+    for ours in ("launch.py", "internals.py", "engine/loop.py", "data/sources.py", "models/classifier.py"):
+        assert launch._from_this_project(_record(os.path.join(ROOT, ours), std_logging.INFO)), ours
+    for library in (f"{ROOT}-venv/{site}", f"{ROOT}/venv/{site}", f"{ROOT}/engine-venv/{site}", f"/usr/{site}"):
+        assert not launch._from_this_project(_record(library, std_logging.INFO)), library
+        assert launch._from_this_project(_record(library, std_logging.WARNING)), library
+
+
+def test_verbosity_opens_the_log_to_every_library():
+    from absl import logging
+
+    import launch
+
+    handler = logging.get_absl_handler().python_handler
+    try:
+        launch.configure_logging(everything=True)
+        assert launch._from_this_project not in handler.filters
+        launch.configure_logging()
+        assert launch._from_this_project in handler.filters and logging.get_verbosity() == logging.INFO
+    finally:
+        launch.configure_logging()

@@ -53,3 +53,13 @@ def first_line(error):
     """The first line of an exception's message: libraries' errors are often long and multi-line."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+NAMED = 5  # Files a log line names; the rest it counts.
+
+
+def named(names, total=None):
+    """`a, b, c, d, e and 7 more`: the first NAMED of `names` (out of `total`, default all of them)."""
+    total = len(names) if total is None else total
+    shown = list(names)[:NAMED]
+    return ", ".join(shown) + (f" and {total - len(shown)} more" if total > len(shown) else "")

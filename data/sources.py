@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 
 import internals
 from data import fashion_mnist_idx
-from errors import ConfigError, first_line
+from errors import ConfigError, first_line, named
 
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -73,6 +73,11 @@ class Source:
         new_label = tf.constant(new_label)
         dataset = dataset.map(lambda image, label: (image, tf.gather(new_label, label)))
         return dataset.filter(lambda image, label: label >= 0)
+
+    @property
+    def split_names(self):
+        """The splits the dataset has (empty when its metadata does not say)."""
+        raise NotImplementedError
 
     def example_name(self, split, index):
         """How a user finds example `index` of `split` (as read, after the label subset)."""
@@ -126,6 +131,10 @@ class TfdsSource(Source):
             channels=features["image"].shape[-1] or 3, label_subset=label_subset,
         )
 
+    @property
+    def split_names(self):
+        return tuple(self.builder.info.splits)
+
     def _read(self, split):
         dataset = self.builder.as_dataset(
             split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
@@ -141,7 +150,9 @@ class TfdsSource(Source):
 
 class FolderSource(Source):
     """A folder with one sub-folder of images per class, as one split `train` in a fixed shuffled order
-    (seed 0, whatever --seed is), so percent slices mix classes and stay the same across runs."""
+    (seed 0, whatever --seed is), so percent slices mix classes and stay the same across runs. Images in
+    folders inside a class folder belong to that class (a class kept in several folders, e.g. by year);
+    files that are not images by their extension are left out and named in the log."""
 
     def __init__(self, root, *, label_subset):
         if not os.path.isdir(root):
@@ -149,12 +160,13 @@ class FolderSource(Source):
         class_names = sorted(
             entry for entry in os.listdir(root) if os.path.isdir(os.path.join(root, entry))
         )
-        files = [
-            (os.path.join(root, name, file), label)
-            for label, name in enumerate(class_names)
-            for file in sorted(os.listdir(os.path.join(root, name)))
-            if file.lower().endswith(IMAGE_EXTENSIONS)
-        ]
+        files, others = [], []
+        for label, name in enumerate(class_names):
+            for path in _files_below(os.path.join(root, name)):
+                if path.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append((path, label))
+                else:
+                    others.append(os.path.relpath(path, root))
         if len(class_names) < 2 or not files:
             raise ConfigError(
                 "dataset", FOLDER_PREFIX + root,
@@ -167,12 +179,19 @@ class FolderSource(Source):
                 "dataset", FOLDER_PREFIX + root,
                 f"class folder {empty[0]} has no image ({', '.join(IMAGE_EXTENSIONS)}); remove it or add images",
             )
+        if others:
+            logging.info("%s%s: %d files are not images (%s) and are left out: %s", FOLDER_PREFIX, root,
+                         len(others), ", ".join(IMAGE_EXTENSIONS), named(others))
         order = np.random.default_rng(0).permutation(len(files))
         self.paths = np.array([files[i][0] for i in order])
         self.labels = np.array([files[i][1] for i in order], np.int64)
         super().__init__(
             name=FOLDER_PREFIX + root, class_names=class_names, channels=3, label_subset=label_subset
         )
+
+    @property
+    def split_names(self):
+        return ("train",)
 
     def _ranges(self, split):
         return internals.split_slices(split, len(self.paths))
@@ -195,6 +214,38 @@ class FolderSource(Source):
     def _label_counts(self, split):
         labels = self._selected(split, self.labels)
         return np.bincount(labels, minlength=len(self.all_class_names))
+
+
+SPLIT_FLAGS = ("train_split", "eval_split", "test_split")
+ONLY_TRAIN = ("train[:80%]", "train[80%:90%]", "train[90%:]")  # The ResNet50 tutorial's cut.
+
+
+def with_default_splits(config, source):
+    """`config` with each split flag it leaves open (None: not given) set by the splits `source` has:
+    train / validation / test; train[:90%] / train[90%:] / test without validation; and ONLY_TRAIN for a
+    dataset of one split, train (a folder, cats_vs_dogs), said in the log."""
+    open_flags = [flag for flag in SPLIT_FLAGS if getattr(config, flag) is None]
+    if not open_flags:
+        return config
+    names = set(source.split_names)
+    if names == {"train"}:
+        defaults = dict(zip(SPLIT_FLAGS, ONLY_TRAIN))
+        logging.info("Splits: %s has one split, train: %s (set the flags to choose others)", source.name,
+                     ", ".join(f"--{flag}={defaults[flag]}" for flag in open_flags))
+    else:
+        validation = "validation" in names
+        defaults = {
+            "train_split": "train" if validation else "train[:90%]",
+            "eval_split": "validation" if validation else "train[90%:]",
+            "test_split": "test" if "test" in names or not names else "",
+        }
+    return dataclasses.replace(config, **{flag: defaults[flag] for flag in open_flags})
+
+
+def _files_below(folder):
+    """Every file in `folder` and the folders inside it, in a fixed (sorted) order."""
+    for directory, _, names in sorted(os.walk(folder)):
+        yield from (os.path.join(directory, name) for name in sorted(names))
 
 
 def open_source(config):

@@ -21,12 +21,11 @@ from data import pipeline, sources
 from engine import distribute
 from engine.checkpoints import Checkpoints
 from engine.optimizer import learning_rate_schedule, make_optimizer
-from errors import ConfigError
+from errors import ConfigError, named
 from models import modes, trainability
 from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights
 
 SPLITS = ("train", "eval", "test")
-NAMED_UNDECODABLE = 5  # Undecodable examples named in the log; the rest are counted.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +115,7 @@ def build(config, *, pretrained=True):
     """
     devices = distribute.configure(config)
     source = sources.open_source(config)
+    config = sources.with_default_splits(config, source)
     worker = pipeline.Worker(devices.worker_index, devices.num_workers)
     splits = {name: _prepare(config, source, worker, name) for name in SPLITS}
     logging.info(
@@ -193,10 +193,8 @@ def _prepare(config, source, worker, name):
         "" if config.cache == "none" else " and cached", time.perf_counter() - started,
     )
     if prepared.skipped:
-        shown = prepared.undecodable[:NAMED_UNDECODABLE]
-        more = prepared.skipped - len(shown)
-        logging.warning("%s: %d undecodable examples skipped: %s%s", name, prepared.skipped, ", ".join(shown),
-                        f" and {more} more" if more > 0 else "")
+        logging.warning("%s: %d undecodable examples skipped: %s", name, prepared.skipped,
+                        named(prepared.undecodable, prepared.skipped))
     # With several workers a shard may lack a class that the split has: only one worker sees it all.
     if name == "train" and worker.count == 1 and 0 in prepared.class_counts:
         absent = source.class_names[prepared.class_counts.index(0)]

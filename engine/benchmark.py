@@ -374,6 +374,7 @@ def _mode_configs(config):
 def benchmark(config):
     """Measures and reports; see the module docstring."""
     source = sources.open_source(config)
+    config = sources.with_default_splits(config, source)
     split = source.split(config.train_split, "train_split")
     logging.info("Benchmark: %s %s at %d px, batch %d", config.dataset, config.train_split,
                  config.image_size, config.batch_size)

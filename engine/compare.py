@@ -33,11 +33,12 @@ def variants(config):
 
 def compare(config):
     """Trains every mode (engine/training.py), then writes the table and the plot."""
+    # Bad data flags would fail every mode alike: they fail once, as one line, before any mode runs.
+    source = sources.open_source(config)
+    config = sources.with_default_splits(config, source)
     runs = variants(config)
     for name, run in runs.items():
         RunDir(run.model_dir).check_compatible(run)  # Refuse a mixed-up model_dir before hours of work.
-    # Bad data flags would fail every mode alike: they fail once, as one line, before any mode runs.
-    source = sources.open_source(config)
     for name in ("train", "eval", "test"):
         if getattr(config, f"{name}_split"):
             source.split(getattr(config, f"{name}_split"), f"{name}_split")

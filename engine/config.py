@@ -102,9 +102,24 @@ class Config:
         "(default: Debian's dataset-fashion-mnist location when present).",
         kind=str,
     )
-    train_split: str = _option("train[:90%]", "TFDS split string to train on.")
-    eval_split: str = _option("train[90%:]", "TFDS split string evaluated after each epoch ('' skips).")
-    test_split: str = _option("test", "TFDS split string evaluated once at the end ('' skips).")
+    train_split: str = _option(
+        None,
+        "TFDS split string to train on. Default, by the splits the dataset has: train with a validation split, "
+        "else train[:90%] with a test split, else (one split, train: folders, cats_vs_dogs) train[:80%].",
+        kind=str,
+    )
+    eval_split: str = _option(
+        None,
+        "TFDS split string evaluated after each epoch ('' skips). Default: validation, else train[90%:], "
+        "else train[80%:90%] (see --train_split).",
+        kind=str,
+    )
+    test_split: str = _option(
+        None,
+        "TFDS split string evaluated once at the end ('' skips). Default: test, else train[90%:] "
+        "(see --train_split).",
+        kind=str,
+    )
     label_subset: tuple = _option(
         (), "Keep only these labels, relabelled 0..k-1 in the order given, e.g. 6,0,2.", kind=list
     )
@@ -343,7 +358,7 @@ def validate(config):
         raise ConfigError("label_subset", config.label_subset, "labels must not be negative")
     if config.label_subset and len(config.label_subset) < 2:
         raise ConfigError("label_subset", config.label_subset, "a classifier needs at least 2 labels")
-    if not config.train_split:
+    if config.train_split == "":
         raise ConfigError("train_split", "", "must name a split")
     if not config.model_dir:
         raise ConfigError("model_dir", "", f"--job={config.job} needs a run directory")

@@ -40,6 +40,7 @@ def export(config):
     run_dir = RunDir(config.model_dir)
     model = load_model(run_dir)
     source = sources.open_source(config)
+    config = sources.with_default_splits(config, source)  # A hand-written flags.txt may leave them open.
     artifacts = {}
     for name in config.export_format:
         path = run_dir.file(FILES[name])

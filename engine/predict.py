@@ -21,9 +21,8 @@ from data.sources import IMAGE_EXTENSIONS
 from engine import distribute
 from engine.export import load_model
 from engine.run_dir import RunDir, write_atomic
-from errors import ConfigError
+from errors import ConfigError, named
 
-MAX_NAMED = 10  # Unreadable files named in the log line; the rest are counted.
 
 
 def predict(config):
@@ -65,8 +64,7 @@ def predict(config):
     unreadable = [path for index, path in enumerate(paths) if index not in read]
     if unreadable:
         logging.warning(
-            "%d of %d files could not be read as images, skipped: %s%s", len(unreadable), len(paths),
-            ", ".join(unreadable[:MAX_NAMED]), " ..." if len(unreadable) > MAX_NAMED else "",
+            "%d of %d files could not be read as images, skipped: %s", len(unreadable), len(paths), named(unreadable),
         )
     header = ["path", "label", "probability"] + [
         name for k in range(2, top_k + 1) for name in (f"label_{k}", f"probability_{k}")

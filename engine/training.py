@@ -25,6 +25,7 @@ def train(config, *, progress_label=""):
     """Trains (or resumes) a run in --model_dir and writes its results."""
     started = time.time()
     run = assembly.build(config)
+    config = run.config  # With the splits the dataset decided.
     # Other workers write what the chief writes to a directory of their own (TensorFlow's convention).
     run_dir = RunDir(config.model_dir if run.devices.is_chief else
                      os.path.join(config.model_dir, f"workertemp_{run.devices.worker_index}"))

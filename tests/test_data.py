@@ -1,6 +1,7 @@
 """data/: the offline Fashion-MNIST builder, TFDS and folder sources, and the tf.data pipeline."""
 
 import gzip
+import json
 import hashlib
 import os
 
@@ -285,6 +286,73 @@ def test_a_folder_dataset_has_classes_splits_and_skips_a_corrupt_image(tiny, tmp
         source.split("test", "test_split")
     only_dogs = sources.open_source(tiny(dataset=f"folder:{tmp_path}", label_subset=(1, 0)))
     assert only_dogs.class_names == ("dog", "cat")
+
+
+def test_a_folder_without_split_flags_trains_evaluates_and_tests_on_an_80_10_10_cut(tiny, tmp_path, caplog):
+    from engine.run_dir import read_flagfile
+    from helpers import launch_in_process, tiny_flags
+
+    _write_folder(tmp_path / "images", per_class=20)
+    run = tmp_path / "run"
+    config = tiny(dataset=f"folder:{tmp_path / 'images'}", label_subset=(), model_dir=str(run), batch_size=4,
+                  train_split=None, eval_split=None, test_split=None)
+    with caplog.at_level("INFO"):
+        status, stderr = launch_in_process(*tiny_flags(config))
+    assert status == 0, stderr
+    assert caplog.text.count("Splits: folder:") == 1 and (
+        "has one split, train: --train_split=train[:80%], --eval_split=train[80%:90%], --test_split=train[90%:]"
+    ) in caplog.text
+    saved = read_flagfile(str(run / "flags.txt"))
+    assert (saved["train_split"], saved["eval_split"], saved["test_split"]) == sources.ONLY_TRAIN
+    for line in ("train: train[:80%], 32 examples", "eval: train[80%:90%], 4 examples", "test: train[90%:], 4 examples"):
+        assert line in caplog.text
+    with open(run / "results.json") as f:
+        results = json.load(f)
+    assert (results["global_step"], results["test_examples"]) == (32 // 4, 4)
+    caplog.clear()
+    with caplog.at_level("INFO"):  # Rerun: the split flags now come from the run's own flags.txt.
+        assert launch_in_process(f"--flagfile={run / 'flags.txt'}")[0] == 0
+    assert "Splits:" not in caplog.text and "Complete" in caplog.text
+
+
+class _Splits:
+    def __init__(self, *names):
+        self.split_names, self.name = names, "a dataset"
+
+
+@pytest.mark.parametrize("names, expected", [
+    (("train", "test"), ("train[:90%]", "train[90%:]", "test")),
+    (("test", "train"), ("train[:90%]", "train[90%:]", "test")),
+    (("train", "validation", "test"), ("train", "validation", "test")),
+    (("train", "validation"), ("train", "validation", "")),
+    (("train",), sources.ONLY_TRAIN),
+    ((), ("train[:90%]", "train[90%:]", "test")),  # Metadata that does not say (TFDS' mock).
+])
+def test_split_flags_not_given_follow_the_splits_the_dataset_has(tiny, names, expected):
+    config = tiny(train_split=None, eval_split=None, test_split=None)
+    resolved = sources.with_default_splits(config, _Splits(*names))
+    assert (resolved.train_split, resolved.eval_split, resolved.test_split) == expected
+    given = tiny(train_split="train[:5]", eval_split=None, test_split="")
+    resolved = sources.with_default_splits(given, _Splits(*names))
+    assert (resolved.train_split, resolved.eval_split, resolved.test_split) == ("train[:5]", expected[1], "")
+
+
+def test_images_in_folders_inside_a_class_folder_belong_to_it_and_other_files_are_named(tiny, tmp_path, caplog):
+    _write_folder(tmp_path, per_class=2)
+    for year in ("2019", "2020/late"):
+        os.makedirs(tmp_path / "cat" / year)
+        pixels = tf.constant(np.full((9, 9, 3), 7, np.uint8))
+        (tmp_path / "cat" / year / "more.png").write_bytes(tf.io.encode_png(pixels).numpy())
+    (tmp_path / "cat" / "2019" / "Thumbs.db").write_bytes(b"")
+    with caplog.at_level("INFO"):
+        source = sources.open_source(tiny(dataset=f"folder:{tmp_path}", label_subset=()))
+    assert source.split("train", "train_split").num_examples == 6
+    assert sorted(_labels(source, "train")) == [0, 0, 0, 0, 1, 1]
+    assert sorted(str(source.paths[i]) for i in np.flatnonzero(source.labels == 0))[:2] == [
+        str(tmp_path / "cat" / "0.png"), str(tmp_path / "cat" / "1.jpg")
+    ]
+    assert "3 files are not images (.jpg, .jpeg, .png, .bmp, .gif) and are left out: cat/notes.txt, " \
+        "cat/2019/Thumbs.db, dog/notes.txt" in caplog.text
 
 
 def test_an_empty_class_folder_is_refused(tiny, tmp_path):

@@ -11,6 +11,7 @@ project and keeps its traceback (exit status 1).
 import logging as std_logging
 import os
 import sys
+import textwrap
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TensorFlow's C++ start-up chatter out.
@@ -60,7 +61,37 @@ def fail(message):
     sys.exit(errors.EXIT_USAGE)
 
 
+HELP = ("-h", "-help", "--help", "--helpshort", "-?")
+USAGE = """transfer-engine: trains image classifiers by transfer learning (README.md says how).
+
+    python launch.py --flagfile=configs/frozen.flags [--flag=value ...]
+
+Later flags override earlier ones and the flagfile's."""
+MORE = """Also: --flagfile=FILE reads flags from FILE, one per line; --verbosity=0 lets every library's INFO lines
+into the log (TF_CPP_MIN_LOG_LEVEL=0 TensorFlow's C++ ones too); --helpfull lists absl's own flags as well."""
+
+
+def help_text(width=100):
+    """--help: every engine flag with its default, grouped as config.FLAG_GROUPS (and README.md) group them."""
+    lines = [USAGE]
+    for title, names in config_lib.FLAG_GROUPS:
+        lines += ["", f"{title}:"]
+        for name in names:
+            flag = flags.FLAGS[name]
+            default = flag.default
+            if isinstance(default, list):
+                default = ",".join(map(str, default))
+            elif isinstance(default, bool):
+                default = str(default).lower()
+            lines.append(f"  --{name}" + (f"={default}" if default not in (None, "") else ""))
+            lines += textwrap.wrap(flag.help, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines + ["", MORE]) + "\n"
+
+
 def parse_flags(argv):
+    if any(arg in HELP for arg in argv[1:]):
+        sys.stdout.write(help_text())
+        sys.exit(errors.EXIT_DONE)
     try:
         return flags.FLAGS(argv)
     except flags.CantOpenFlagFileError as error:

@@ -94,7 +94,11 @@ class Config:
         kind=float,
     )
     # The data.
-    dataset: str = _option("fashion_mnist", "Any TFDS image-classification dataset name.")
+    dataset: str = _option(
+        "fashion_mnist",
+        "Any TFDS image-classification dataset (fashion_mnist_sample: the main job's images, shipped with this "
+        "project), or folder:PATH, a folder with one sub-folder of images per class.",
+    )
     data_dir: str = _option(None, "TFDS data directory (default: TFDS's own).", kind=str)
     manual_dir: str = _option(
         None,
@@ -217,6 +221,25 @@ class Config:
                 value = ",".join(map(str, value))
             lines.append(f"--{field.name}={value}")
         return "\n".join(lines) + "\n"
+
+
+# The flags by what they are for, in the order --help shows them and README.md's Flags section groups them.
+FLAG_GROUPS = (
+    ("What to run", ("job", "model_dir")),
+    ("What trains (README: What trains)", (
+        "mode", "unfreeze", "unfreeze_from", "trainable_regex", "bn", "head_epochs", "backbone_lr_mult")),
+    ("The model (README: Backbones)", ("backbone", "alpha", "image_size", "weights", "dropout", "bn_momentum")),
+    ("The data (README: Data)", (
+        "dataset", "data_dir", "manual_dir", "train_split", "eval_split", "test_split", "label_subset", "cache",
+        "shuffle_buffer", "augment", "deterministic", "feature_cache", "feature_cache_max_gb")),
+    ("Optimisation", (
+        "batch_size", "epochs", "steps_per_epoch", "steps_per_loop", "optimizer", "learning_rate", "lr_schedule",
+        "warmup_steps", "weight_decay", "seed")),
+    ("Devices (README: Throughput)", (
+        "strategy", "tpu", "cpu_replicas", "precision", "jit_compile", "fused_batchnorm")),
+    ("Checkpoints and faults (README: Reliability)", ("checkpoint_every", "keep_checkpoints", "loss_upper_bound")),
+    ("Using a trained run (README: Use the model)", ("export_format", "inputs", "output", "top_k")),
+)
 
 
 def define_flags(flag_values=flags.FLAGS):

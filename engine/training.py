@@ -66,10 +66,11 @@ def _train(config, run, run_dir, started, progress_label):
     total_steps = run.steps_per_epoch * config.epochs
     slow = trainability.slow_batchnorm_momentum(run.model, total_steps)
     if slow:
+        settling = trainability.settling_momentum(total_steps)
         logging.warning(
             "BatchNorm momentum %g averages its statistics over ~%d steps, but this run has %d: "
-            "evaluation will lag training (consider --bn_momentum=0.99)",
-            slow, round(1 / (1 - slow)), total_steps,
+            "evaluation will lag training (%s)", slow, round(1 / (1 - slow)), total_steps,
+            f"consider --bn_momentum={settling:g} or lower" if settling else "too few steps for any momentum to settle",
         )
 
     before = trainability.snapshot(run.model)

@@ -9,6 +9,7 @@ momentum and weight decay cannot move them.
 """
 
 import dataclasses
+import math
 import re
 
 import keras
@@ -167,12 +168,20 @@ def _group(layer_name, after_first_block):
     return "top" if after_first_block else "stem"
 
 
+SETTLING_HORIZONS = 5  # Moving statistics settle after about this many averaging horizons, 1/(1-momentum) steps each.
+
+
 def slow_batchnorm_momentum(model, total_steps):
     """The momentum of BatchNorm layers that train, if their moving statistics (an average over about
     1/(1-momentum) steps) cannot settle within the run; else None."""
     momenta = [layer.momentum for layer in all_layers(model) if isinstance(layer, BN) and layer.trainable]
-    slow = [momentum for momentum in momenta if total_steps < 5 / (1 - momentum)]
+    slow = [momentum for momentum in momenta if total_steps < SETTLING_HORIZONS / (1 - momentum)]
     return max(slow) if slow else None
+
+
+def settling_momentum(total_steps):
+    """The largest momentum, in hundredths, whose moving statistics settle within `total_steps` (0 if none does)."""
+    return max(0.0, math.floor(round(100 * (1 - SETTLING_HORIZONS / total_steps), 6)) / 100)
 
 
 def snapshot(model):

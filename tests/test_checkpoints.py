@@ -220,6 +220,8 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert match and len(errors) == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     first_bad, last_good = int(match.group(1)), match.group(3)
+    from engine.loop import NAN_PATIENCE
+    assert int(match.group(2)) == first_bad + NAN_PATIENCE - 1, "the range names the calls that failed, one step each"
     # The newest checkpoint whose weights a later call ran with a finite loss: from before step first_bad - 1.
     proven = max(step for step in _checkpoint_steps(model_dir) if step < first_bad - 1)
     assert last_good.endswith(f"ckpt-{proven}") and proven > 0

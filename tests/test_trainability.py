@@ -104,6 +104,15 @@ def test_slow_batchnorm_momentum_is_spotted():
     assert trainability.slow_batchnorm_momentum(model, total_steps=1000) == pytest.approx(0.999)
     trainability.apply(model, mode="scratch", bn_momentum=0.99)
     assert trainability.slow_batchnorm_momentum(model, total_steps=1000) is None
+    assert trainability.slow_batchnorm_momentum(model, total_steps=499) == pytest.approx(0.99)
+
+
+@pytest.mark.parametrize("steps, momentum", [(500, 0.99), (499, 0.98), (1000, 0.99), (50, 0.9), (44, 0.88), (5, 0.0)])
+def test_the_suggested_momentum_settles_within_the_run_and_is_the_largest_that_does(steps, momentum):
+    suggested = trainability.settling_momentum(steps)
+    assert suggested == momentum
+    assert suggested == 0 or steps >= trainability.SETTLING_HORIZONS / (1 - suggested) - 1e-9
+    assert suggested == 0.99 or steps < trainability.SETTLING_HORIZONS / (1 - (suggested + 0.01))  # In hundredths.
 
 
 @pytest.mark.slow

@@ -79,6 +79,12 @@ class Source:
         """The splits the dataset has (empty when its metadata does not say)."""
         raise NotImplementedError
 
+    def class_counts(self, split):
+        """Examples per class of `split` (after the label subset), undecodable ones included: the same
+        on every worker, whatever its shard."""
+        counts = self._label_counts(split)
+        return tuple(int(n) for n in (counts[list(self.label_subset)] if self.label_subset else counts))
+
     def example_name(self, split, index):
         """How a user finds example `index` of `split` (as read, after the label subset)."""
         return f"{split}[{index}]"

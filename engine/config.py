@@ -163,6 +163,15 @@ class Config:
     )
     warmup_steps: int = _option(0, "Linear learning-rate warm-up from 0 over this many steps.")
     weight_decay: float = _option(0.0, "Decoupled weight decay; never applied to biases or BatchNorm.")
+    label_smoothing: float = _option(
+        0.0, "Label smoothing of the training loss: targets (1 - EPS) one-hot + EPS / classes (0: off)."
+    )
+    class_weight: str = _option(
+        "none",
+        "balanced: each training example's loss is weighted by its class's inverse frequency in the train "
+        "split (exact counts, mean weight 1 over the classes); evaluation stays unweighted.",
+        choices=("none", "balanced"),
+    )
     seed: int = _option(42, "Seed for initialisation, shuffling and dropout.")
     # Devices.
     strategy: str = _option(
@@ -234,7 +243,7 @@ FLAG_GROUPS = (
         "shuffle_buffer", "augment", "deterministic", "feature_cache", "feature_cache_max_gb")),
     ("Optimisation", (
         "batch_size", "epochs", "steps_per_epoch", "steps_per_loop", "optimizer", "learning_rate", "lr_schedule",
-        "warmup_steps", "weight_decay", "seed")),
+        "warmup_steps", "weight_decay", "label_smoothing", "class_weight", "seed")),
     ("Devices (README: Throughput)", (
         "strategy", "tpu", "cpu_replicas", "precision", "jit_compile", "fused_batchnorm")),
     ("Checkpoints and faults (README: Reliability)", ("checkpoint_every", "keep_checkpoints", "loss_upper_bound")),
@@ -328,6 +337,8 @@ def validate(config):
         raise ConfigError("dropout", config.dropout, "must be in [0, 1)")
     if config.bn_momentum is not None and not 0 <= config.bn_momentum < 1:
         raise ConfigError("bn_momentum", config.bn_momentum, "must be in [0, 1)")
+    if not 0 <= config.label_smoothing < 1:
+        raise ConfigError("label_smoothing", config.label_smoothing, "must be in [0, 1)")
     if config.weight_decay < 0:
         raise ConfigError("weight_decay", config.weight_decay, "must not be negative")
     if config.feature_cache_max_gb is not None and config.feature_cache_max_gb <= 0:

@@ -34,6 +34,8 @@ IDENTITY = (
     "train_split", "batch_size", "steps_per_epoch",
     # The optimizer's checkpoint holds its learning rate: a resumed run would silently keep the old one.
     "learning_rate", "lr_schedule", "warmup_steps",
+    # These define the loss: a resumed run with others would optimise something else from then on.
+    "label_smoothing", "class_weight",
 )
 
 

@@ -1,7 +1,9 @@
 """The hand-written train and eval steps, run per replica with `strategy.run`, and the stage schedule
 that picks a run's Trainer per epoch.
 
-One home for the loss: per-example cross-entropy on float32 logits, averaged over the *global* batch
+One home for the loss: per-example cross-entropy on float32 logits (in training with --label_smoothing
+and times --class_weight's weight of the example's class; evaluation reports the plain cross-entropy,
+unweighted), averaged over the *global* batch
 (`tf.nn.compute_average_loss`), so summing gradients across replicas (the optimizer's all-reduce) gives
 the gradient of the global batch's mean loss whatever the replica count. Under mixed float16 the loss is
 scaled with the Keras 3 `LossScaleOptimizer.scale_loss`; `apply` unscales and skips non-finite steps.
@@ -21,16 +23,33 @@ from models import modes, trainability
 _SUM = tf.distribute.ReduceOp.SUM
 
 
-def per_example_loss(labels, logits):
-    """Cross-entropy and correctness per example; one logit means binary (sigmoid), else softmax."""
+def per_example_loss(labels, logits, label_smoothing=0.0):
+    """Cross-entropy and correctness per example; one logit means binary (sigmoid), else softmax. With
+    `label_smoothing` eps the targets are (1 - eps) one-hot + eps / classes (Keras' convention: eps / 2
+    for a sigmoid's two classes)."""
     if logits.shape[-1] == 1:
         logits = logits[:, 0]
-        loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(labels, logits.dtype), logits=logits)
+        targets = tf.cast(labels, logits.dtype)
+        if label_smoothing:
+            targets = targets * (1 - label_smoothing) + label_smoothing / 2
+        loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits)
         predictions = tf.cast(logits > 0, labels.dtype)
     else:
-        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        if label_smoothing:
+            targets = tf.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+            targets = targets * (1 - label_smoothing) + label_smoothing / logits.shape[-1]
+            loss = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+        else:
+            loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
         predictions = tf.argmax(logits, axis=-1, output_type=labels.dtype)
     return loss, tf.cast(tf.equal(predictions, labels), tf.float32)
+
+
+def balanced_class_weights(class_counts):
+    """Per-class loss weights inversely proportional to the classes' example counts, mean 1 over the
+    classes (scikit-learn's "balanced", n / (classes x n_c), rescaled so the mean weight is 1)."""
+    inverse = 1.0 / np.asarray(class_counts, np.float64)
+    return (inverse / inverse.mean()).astype(np.float32)
 
 
 def _sums(loss, correct, weights):
@@ -48,8 +67,10 @@ class Trainer:
     """
 
     def __init__(self, *, model, optimizer, strategy, global_batch_size, variables, jit_compile=False,
-                 frozen_as_constants=False, fused_batchnorm=False):
+                 frozen_as_constants=False, fused_batchnorm=False, label_smoothing=0.0, class_weights=None):
         self.model = model
+        self.label_smoothing = label_smoothing
+        self.class_weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
         self.optimizer = optimizer
         self.strategy = strategy
         self.global_batch_size = global_batch_size
@@ -69,7 +90,9 @@ class Trainer:
     def _replica_train_step(self, images, labels):
         with tf.GradientTape() as tape:
             logits = self.forward(images, training=True)
-            loss, correct = per_example_loss(labels, logits)
+            loss, correct = per_example_loss(labels, logits, self.label_smoothing)
+            if self.class_weights is not None:
+                loss *= tf.gather(self.class_weights, labels)
             objective = tf.nn.compute_average_loss(loss, global_batch_size=self.global_batch_size)
             if self.model.losses:
                 objective += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
@@ -139,6 +162,14 @@ class Stages:
         self.rule = trainability.Rule.from_config(config)
         self.bn = config.bn
         self.optimizer, self.devices, self.batch_size = run.optimizer, run.devices, config.batch_size
+        self.label_smoothing = config.label_smoothing
+        self.class_weights = None
+        if config.class_weight == "balanced":
+            counts = run.source.class_counts(config.train_split)
+            self.class_weights = balanced_class_weights(counts)
+            logging.info("Class weights (balanced, from the train split's %s examples per class): %s",
+                         "/".join(map(str, counts)), ", ".join(
+                             f"{name} {weight:.3f}" for name, weight in zip(run.source.class_names, self.class_weights)))
         self.mode = self.trainer = None
 
     def __call__(self, epoch):
@@ -152,6 +183,7 @@ class Stages:
                 model=self.step_model, optimizer=self.optimizer, strategy=devices.strategy,
                 global_batch_size=self.batch_size, variables=variables, jit_compile=devices.jit_compile,
                 frozen_as_constants=devices.frozen_as_constants, fused_batchnorm=devices.fused_batchnorm,
+                label_smoothing=self.label_smoothing, class_weights=self.class_weights,
             )
             self.mode = mode
         return self.trainer

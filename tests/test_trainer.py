@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from engine import assembly
 from engine.optimizer import learning_rate_schedule, make_optimizer
-from engine.trainer import Trainer, per_example_loss, summarize
+from engine.trainer import Trainer, balanced_class_weights, per_example_loss, summarize
 from helpers import default_strategy, one_device, replace, train_run, two_devices
 from models import trainability
 from models.classifier import BACKBONE_LAYER, build_classifier
@@ -40,6 +40,61 @@ def test_loss_is_softmax_cross_entropy_or_sigmoid_for_one_logit():
     expected = keras.losses.binary_crossentropy(binary_labels[:, None].astype("float32"), binary_logits, from_logits=True)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     np.testing.assert_array_equal(correct, [0, 0, 1])
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_label_smoothing_moves_the_loss_as_keras_smoothed_losses_do(eps):
+    labels = np.array([0, 2, 1])
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, 3.0, 0.0]], "float32")
+    loss, correct = per_example_loss(labels, logits, eps)
+    smoothed = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=eps, reduction=None)
+    np.testing.assert_allclose(loss, smoothed(np.eye(3)[labels], logits), rtol=1e-6)
+    # (1 - eps) x the plain cross-entropy + eps x the mean over classes of -log p.
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    plain = -log_p[np.arange(3), labels]
+    np.testing.assert_allclose(loss, (1 - eps) * plain + eps * -log_p.mean(axis=1), rtol=1e-5)
+    np.testing.assert_array_equal(correct, [1, 1, 1])
+
+    binary_labels, binary_logits = np.array([0, 1, 1]), np.array([[0.3], [-2.0], [4.0]], "float32")
+    loss, _ = per_example_loss(binary_labels, binary_logits, eps)
+    expected = keras.losses.binary_crossentropy(binary_labels[:, None].astype("float32"), binary_logits,
+                                                from_logits=True, label_smoothing=eps)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_balanced_class_weights_are_inverse_frequency_with_mean_one():
+    np.testing.assert_allclose(balanced_class_weights([10, 30]), [1.5, 0.5])
+    np.testing.assert_allclose(balanced_class_weights([364, 364, 364]), [1, 1, 1])
+    weights = balanced_class_weights([5, 50, 500])
+    assert weights.mean() == pytest.approx(1) and weights[0] == pytest.approx(100 * weights[2])
+
+
+@pytest.mark.parametrize("strategy", [default_strategy, two_devices], ids=["1 replica", "2 replicas"])
+def test_class_weights_and_smoothing_make_the_step_that_of_the_weighted_smoothed_mean_loss(strategy):
+    """One SGD step of the engine equals lr x the gradient of mean(weight[label] x smoothed loss) over the
+    global batch, computed here with a plain GradientTape, for 1 and 2 replicas."""
+    strategy = strategy()
+    keras.utils.set_random_seed(3)
+    with strategy.scope():
+        model = build_classifier(backbone="small_cnn", image_size=8, channels=1, num_classes=3, dropout=0.0)
+    variables = trainability.apply(model, mode="frozen")  # BatchNorm in inference: replicas see the same model.
+    rng = np.random.default_rng(4)
+    images, labels = rng.integers(0, 256, (8, 8, 8, 1)).astype("uint8"), np.array([0, 0, 0, 0, 0, 1, 1, 2])
+    weights, eps, lr = balanced_class_weights([5, 2, 1]), 0.2, 0.1
+    with tf.GradientTape() as tape:
+        loss, _ = per_example_loss(tf.constant(labels), model(images, training=True), eps)
+        objective = tf.reduce_mean(loss * tf.gather(weights, labels))
+    expected = [w.numpy() - lr * g.numpy() for w, g in zip(variables, tape.gradient(objective, variables))]
+    with strategy.scope():  # SGD's momentum starts at 0: its first step is lr x the gradient.
+        optimizer = make_optimizer(name="sgd", learning_rate=lr, weight_decay=0.0, precision="float32",
+                                   variables=variables)
+    trainer = Trainer(model=model, optimizer=optimizer, strategy=strategy, global_batch_size=8, variables=variables,
+                      label_smoothing=eps, class_weights=weights)
+    data = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((images, labels)).repeat())
+    sums = trainer.train_steps(iter(data), tf.constant(1)).numpy()
+    assert sums[0] == pytest.approx(float(objective) * 8, rel=1e-5)  # The reported loss is the objective.
+    for variable, value in zip(variables, expected):
+        np.testing.assert_allclose(variable.numpy(), value, rtol=1e-4, atol=1e-6, err_msg=variable.path)
 
 
 @pytest.mark.slow
@@ -154,3 +209,27 @@ def test_learning_rate_schedules():
     warm = learning_rate_schedule(learning_rate=0.1, schedule="constant", warmup_steps=10, total_steps=100)
     assert [round(float(warm(step)), 6) for step in (0, 5, 10, 60, 100)] == [0.0, 0.05, 0.1, 0.1, 0.1]
     assert learning_rate_schedule(learning_rate=0.1, schedule="constant", warmup_steps=0, total_steps=9) == 0.1
+
+
+@pytest.mark.slow
+def test_balanced_class_weights_raise_the_minority_class_accuracy(tiny, tmp_path, caplog):
+    """T-shirts against ten times fewer shirts (the shipped sample's images, as a folder): weighting the
+    shirts' loss ten times more makes the model find more of them."""
+    from data import fashion_mnist_idx
+
+    images = fashion_mnist_idx.read_idx(fashion_mnist_idx.sample_paths("validation")[0], 2051, None)
+    labels = fashion_mnist_idx.read_idx(fashion_mnist_idx.sample_paths("validation")[1], 2049, None)
+    for name, label, count in (("shirt", 6, 40), ("tshirt", 0, 400)):
+        os.makedirs(tmp_path / "images" / name)
+        for i, image in enumerate(images[labels == label][:count]):
+            (tmp_path / "images" / name / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    config = tiny(dataset=f"folder:{tmp_path / 'images'}", label_subset=(), image_size=28, train_split="train",
+                  eval_split="", test_split="train", epochs=3, batch_size=16, learning_rate=0.003, bn_momentum=0.9)
+    accuracy = {}
+    for weighting in ("none", "balanced"):
+        with caplog.at_level("INFO"):
+            results = train_run(replace(config, class_weight=weighting), tmp_path / weighting)
+        accuracy[weighting] = results["test_class_accuracy"]
+    assert "Class weights (balanced, from the train split's 40/400 examples per class): shirt 1.818, tshirt 0.182" in caplog.text
+    assert accuracy["balanced"]["shirt"] > accuracy["none"]["shirt"] + 0.1, accuracy
+    assert accuracy["balanced"]["tshirt"] < accuracy["none"]["tshirt"], accuracy  # The price: the majority's.

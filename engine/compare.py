@@ -132,6 +132,14 @@ def markdown(report):
                   "| mode | " + " | ".join(classes) + " |", "| --- |" + " ---: |" * len(classes)]
         lines += [f"| {name} | " + " | ".join(f"{accuracy[c]:.4f}" for c in classes) + " |"
                   for name, accuracy in per_class.items()]
+    matrices = {name: row["test_confusion_matrix"]["counts"] for name, row in done.items() if row.get("test_confusion_matrix")}
+    if matrices:
+        lines += ["", "Test confusion matrices (rows: the true class; columns: the predicted one; each mode's "
+                  "confusion.png shows them normalised):"]
+        for name, counts in matrices.items():
+            lines += ["", f"{name}:", "", "| true \\ predicted | " + " | ".join(classes) + " |",
+                      "| --- |" + " ---: |" * len(classes)]
+            lines += [f"| {true} | " + " | ".join(f"{n:,}" for n in row) + " |" for true, row in zip(classes, counts)]
     scratch = done.get("scratch", {}).get("test_accuracy")
     if scratch is not None:
         gains = [f"{name} {row['test_accuracy'] - scratch:+.4f}" for name, row in done.items()

@@ -28,7 +28,7 @@ def evaluate(config):
     evaluation = {"job": "evaluate", "checkpoint": restored}
     for name in ("eval", "test"):
         metrics = training.evaluate_split(run, trainer, run.splits[name])
-        for key in ("loss", "accuracy", "examples", "class_accuracy"):
+        for key in ("loss", "accuracy", "examples", "class_accuracy", "confusion_matrix"):
             evaluation[f"{name}_{key}"] = metrics[key] if metrics else None
     run_dir.write_json("evaluation.json", evaluation)
     logging.info(

@@ -28,12 +28,10 @@ def per_example_loss(labels, logits, label_smoothing=0.0):
     `label_smoothing` eps the targets are (1 - eps) one-hot + eps / classes (Keras' convention: eps / 2
     for a sigmoid's two classes)."""
     if logits.shape[-1] == 1:
-        logits = logits[:, 0]
         targets = tf.cast(labels, logits.dtype)
         if label_smoothing:
             targets = targets * (1 - label_smoothing) + label_smoothing / 2
-        loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits)
-        predictions = tf.cast(logits > 0, labels.dtype)
+        loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits[:, 0])
     else:
         if label_smoothing:
             targets = tf.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
@@ -41,8 +39,14 @@ def per_example_loss(labels, logits, label_smoothing=0.0):
             loss = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
         else:
             loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-        predictions = tf.argmax(logits, axis=-1, output_type=labels.dtype)
-    return loss, tf.cast(tf.equal(predictions, labels), tf.float32)
+    return loss, tf.cast(tf.equal(predicted_class(logits, labels.dtype), labels), tf.float32)
+
+
+def predicted_class(logits, dtype):
+    """The class each example's logits pick: argmax, or for one logit (sigmoid) class 1 when positive."""
+    if logits.shape[-1] == 1:
+        return tf.cast(logits[:, 0] > 0, dtype)
+    return tf.argmax(logits, axis=-1, output_type=dtype)
 
 
 def balanced_class_weights(class_counts):
@@ -113,13 +117,17 @@ class Trainer:
         return totals
 
     def _replica_eval_step(self, images, labels, weights):
-        loss, correct = per_example_loss(labels, self.forward(images, training=False))
-        return tf.math.unsorted_segment_sum(_sums(loss, correct, weights), labels, self.num_classes)
+        logits = self.forward(images, training=False)
+        loss, correct = per_example_loss(labels, logits)
+        predicted = tf.one_hot(predicted_class(logits, labels.dtype), self.num_classes, dtype=tf.float64)
+        values = tf.concat([_sums(loss, correct, weights), predicted * tf.cast(weights, tf.float64)[:, None]], 1)
+        return tf.math.unsorted_segment_sum(values, labels, self.num_classes)
 
     def _evaluate(self, dataset):
         """One pass over a distributed eval dataset of (images, labels, weights); returns weighted sums
-        of (loss, correct, examples) per class, [classes, 3]: padding examples have weight 0."""
-        totals = tf.zeros([self.num_classes, 3], tf.float64)
+        per true class of (loss, correct, examples, then examples predicted as each class: the confusion
+        matrix's row), [classes, 3 + classes]: padding examples have weight 0."""
+        totals = tf.zeros([self.num_classes, 3 + self.num_classes], tf.float64)
         for images, labels, weights in dataset:
             per_replica = self.strategy.run(self._replica_eval_step, args=(images, labels, weights))
             totals += self.strategy.reduce(_SUM, per_replica, axis=None)
@@ -127,10 +135,11 @@ class Trainer:
 
 
 def summarize(totals, class_names=None):
-    """Sums of (loss, correct, examples), [3] or per class [classes, 3] -> {"loss", "accuracy",
-    "examples"}, and for per-class sums "class_accuracy" {class name: accuracy, None without examples}."""
+    """Sums of (loss, correct, examples), [3], or evaluation's per class [classes, 3 + classes] ->
+    {"loss", "accuracy", "examples"}, and for per-class sums "class_accuracy" {class name: accuracy, None
+    without examples} and "confusion_matrix" (counts, rows the true class, columns the predicted one)."""
     totals = np.asarray(totals, np.float64)
-    loss, correct, examples = totals.reshape(-1, 3).sum(axis=0)
+    loss, correct, examples = totals[..., :3].reshape(-1, 3).sum(axis=0)
     examples = int(examples)
     result = {
         "loss": float(loss) / examples if examples else float("nan"),
@@ -140,8 +149,9 @@ def summarize(totals, class_names=None):
     if totals.ndim == 2:
         names = class_names if class_names is not None else range(len(totals))
         result["class_accuracy"] = {
-            name: float(right / count) if count else None for name, (_, right, count) in zip(names, totals)
+            name: float(right / count) if count else None for name, (_, right, count) in zip(names, totals[:, :3])
         }
+        result["confusion_matrix"] = np.rint(totals[:, 3:]).astype(int).tolist()
     return result
 
 

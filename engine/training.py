@@ -7,7 +7,7 @@ import time
 
 from absl import logging
 
-from engine import assembly, feature_cache, loop
+from engine import assembly, confusion, feature_cache, loop
 from engine.run_dir import RunDir, replace_atomic
 from engine.trainer import Stages, summarize
 from models import trainability
@@ -107,6 +107,8 @@ def _train(config, run, run_dir, started, progress_label):
         "test_accuracy": test["accuracy"] if test else None,
         "test_examples": test["examples"] if test else None,
         "test_class_accuracy": test["class_accuracy"] if test else None,
+        "test_confusion_matrix": {"classes": list(run.source.class_names), "counts": test["confusion_matrix"]}
+        if test else None,
         "images_per_sec": throughput.images_per_sec,
         "feature_cache": features.report if features else None,
         "skipped_examples": {name: examples.skipped for name, examples in run.splits.items() if examples},
@@ -114,6 +116,9 @@ def _train(config, run, run_dir, started, progress_label):
         "trainability_audit": trainability.audit(run.model, before, run.trained_variables),
         "wall_seconds": time.time() - started,
     }
+    if test:
+        confusion.write(run_dir, test["confusion_matrix"], run.source.class_names, step=results["global_step"],
+                        title=f"{config.mode}: {config.test_split} ({test['examples']:,} images)")
     run_dir.write_json("results.json", results)
     logging.info(
         "Done: test accuracy %s, eval accuracy %s, %s images/sec; results in %s",

@@ -46,6 +46,14 @@ def test_compare_trains_every_mode_in_its_own_dir_and_tabulates_them(tiny, pretr
     assert "| mode | Shirt | T-shirt/top | Pullover |" in table
     assert "Test accuracy against scratch: frozen " in table
     assert (tmp_path / "compare.png").read_bytes().startswith(PNG_SIGNATURE)
+    # Each mode's confusion matrix: in compare.md as counts, and beside its results as a picture.
+    for mode in MODES:
+        matrix = results[mode]["test_confusion_matrix"]
+        assert matrix["classes"] == ["Shirt", "T-shirt/top", "Pullover"]
+        block = table.split(f"\n{mode}:\n", 1)[1]
+        for true, row in zip(matrix["classes"], matrix["counts"]):
+            assert f"| {true} | " + " | ".join(f"{n:,}" for n in row) + " |" in block, (mode, true)
+        assert (tmp_path / mode / "confusion.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_the_plot_has_a_line_per_mode_and_says_which_failed(tmp_path):

@@ -41,6 +41,22 @@ def test_frozen_default_trains_writes_the_run_dir_and_evaluate_reproduces_it(dat
         "frozen", "mobilenet_v2", 6, 2
     )
     assert results["test_examples"] == 300  # The shipped sample holds the three classes only.
+    # The confusion matrix: the same exact evaluation as the accuracies, as counts, a picture and an image in TensorBoard.
+    matrix = results["test_confusion_matrix"]
+    counts = np.array(matrix["counts"])
+    assert matrix["classes"] == results["class_names"] == ["Shirt", "T-shirt/top", "Pullover"]
+    assert counts.sum() == 300 and np.trace(counts) == round(results["test_accuracy"] * 300)
+    for k, name in enumerate(matrix["classes"]):
+        assert counts[k, k] / counts[k].sum() == pytest.approx(results["test_class_accuracy"][name], abs=1e-12)
+    with open(os.path.join(model_dir, "confusion.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(model_dir, "logs", "test"), size_guidance={"tensors": 0}).Reload()
+    assert "confusion_matrix" in events.Tags()["tensors"]
+    [image] = events.Tensors("confusion_matrix")
+    assert image.step == 6 and tf.make_ndarray(image.tensor_proto)[2:].size == 1  # [width, height, PNG].
     with open(os.path.join(model_dir, "metrics.jsonl")) as f:
         assert [json.loads(line)["epoch"] for line in f] == [1, 2]
     # Frozen means frozen: the backbone leaves the run bitwise as it came from the shipped file.
@@ -56,6 +72,7 @@ def test_frozen_default_trains_writes_the_run_dir_and_evaluate_reproduces_it(dat
     assert evaluated["test_accuracy"] == results["test_accuracy"]
     assert evaluated["eval_accuracy"] == results["eval_accuracy"]
     assert evaluated["test_examples"] == results["test_examples"]
+    assert evaluated["test_confusion_matrix"] == matrix["counts"]
 
 
 def load_mobilenet(path):

@@ -177,7 +177,7 @@ def test_mixed_float16_scales_the_loss_so_updates_match_float32():
         assert np.linalg.norm(b) / np.linalg.norm(a) == pytest.approx(1.0, abs=0.03), path
 
 
-def test_per_class_accuracy_is_exact_across_replicas_and_padding():
+def test_per_class_accuracy_and_the_confusion_matrix_are_exact_across_replicas_and_padding():
     """Evaluation's per-class sums (one home for every metric) equal a plain count over Keras'
     own predictions, for 1 and 2 replicas, with a last batch that needs padding."""
     from data import pipeline
@@ -200,6 +200,9 @@ def test_per_class_accuracy_is_exact_across_replicas_and_padding():
         assert metrics["examples"] == 37
         assert metrics["class_accuracy"] == pytest.approx({"abc"[c]: expected[c] for c in range(3)}, abs=1e-12)
         assert metrics["accuracy"] == pytest.approx(float(np.mean(predicted == labels)), abs=1e-12)
+        confusion = np.zeros((3, 3), int)
+        np.add.at(confusion, (labels, predicted), 1)
+        assert metrics["confusion_matrix"] == confusion.tolist()
 
 
 def test_learning_rate_schedules():

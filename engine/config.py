@@ -151,6 +151,11 @@ class Config:
         "goes to files under --cache when that is a directory, else the run trains without it.",
         kind=float,
     )
+    tta: bool = _option(
+        False,
+        "Test-time augmentation: evaluation, the test split and --job=predict average each image's logits "
+        "with its mirror image's (training unchanged; the feature cache then stays off).",
+    )
     # Optimisation.
     batch_size: int = _option(32, "Global batch size, split evenly across replicas.")
     epochs: int = _option(10, "Training epochs.")
@@ -240,7 +245,7 @@ FLAG_GROUPS = (
     ("The model (README: Backbones)", ("backbone", "alpha", "image_size", "weights", "dropout", "bn_momentum")),
     ("The data (README: Data)", (
         "dataset", "data_dir", "manual_dir", "train_split", "eval_split", "test_split", "label_subset", "cache",
-        "shuffle_buffer", "augment", "deterministic", "feature_cache", "feature_cache_max_gb")),
+        "shuffle_buffer", "augment", "tta", "deterministic", "feature_cache", "feature_cache_max_gb")),
     ("Optimisation", (
         "batch_size", "epochs", "steps_per_epoch", "steps_per_loop", "optimizer", "learning_rate", "lr_schedule",
         "warmup_steps", "weight_decay", "label_smoothing", "class_weight", "seed")),

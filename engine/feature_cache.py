@@ -52,6 +52,8 @@ def reason_not_to_cache(config):
         return f"--mode={config.mode} trains every layer"
     if config.augment != "none":
         return f"--augment={config.augment} changes the pixels every epoch, so every epoch needs the backbone"
+    if config.tta:
+        return "--tta evaluates every image mirrored too, which the cache does not hold"
     return None
 
 

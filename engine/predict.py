@@ -21,6 +21,7 @@ from data.sources import IMAGE_EXTENSIONS
 from engine import distribute
 from engine.export import load_model
 from engine.run_dir import RunDir, write_atomic
+from engine.trainer import flip_averaged
 from errors import ConfigError, named
 
 
@@ -46,7 +47,8 @@ def predict(config):
 
     @tf.function
     def probabilities(images):
-        logits = model(images, training=False)
+        call = lambda batch: model(batch, training=False)
+        logits = flip_averaged(call, images) if config.tta else call(images)
         return keras.ops.sigmoid(logits) if logits.shape[-1] == 1 else keras.ops.softmax(logits)
 
     rows = []

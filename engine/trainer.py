@@ -49,6 +49,11 @@ def predicted_class(logits, dtype):
     return tf.argmax(logits, axis=-1, output_type=dtype)
 
 
+def flip_averaged(call, images):
+    """Test-time augmentation (--tta): the mean of the logits of the images and of their mirror images."""
+    return (call(images) + call(tf.image.flip_left_right(images))) / 2
+
+
 def balanced_class_weights(class_counts):
     """Per-class loss weights inversely proportional to the classes' example counts, mean 1 over the
     classes (scikit-learn's "balanced", n / (classes x n_c), rescaled so the mean weight is 1)."""
@@ -71,8 +76,10 @@ class Trainer:
     """
 
     def __init__(self, *, model, optimizer, strategy, global_batch_size, variables, jit_compile=False,
-                 frozen_as_constants=False, fused_batchnorm=False, label_smoothing=0.0, class_weights=None):
+                 frozen_as_constants=False, fused_batchnorm=False, label_smoothing=0.0, class_weights=None,
+                 tta=False):
         self.model = model
+        self.tta = tta
         self.label_smoothing = label_smoothing
         self.class_weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
         self.optimizer = optimizer
@@ -117,7 +124,8 @@ class Trainer:
         return totals
 
     def _replica_eval_step(self, images, labels, weights):
-        logits = self.forward(images, training=False)
+        evaluate = lambda batch: self.forward(batch, training=False)
+        logits = flip_averaged(evaluate, images) if self.tta else evaluate(images)
         loss, correct = per_example_loss(labels, logits)
         predicted = tf.one_hot(predicted_class(logits, labels.dtype), self.num_classes, dtype=tf.float64)
         values = tf.concat([_sums(loss, correct, weights), predicted * tf.cast(weights, tf.float64)[:, None]], 1)
@@ -172,7 +180,7 @@ class Stages:
         self.rule = trainability.Rule.from_config(config)
         self.bn = config.bn
         self.optimizer, self.devices, self.batch_size = run.optimizer, run.devices, config.batch_size
-        self.label_smoothing = config.label_smoothing
+        self.label_smoothing, self.tta = config.label_smoothing, config.tta
         self.class_weights = None
         if config.class_weight == "balanced":
             counts = run.source.class_counts(config.train_split)
@@ -193,7 +201,7 @@ class Stages:
                 model=self.step_model, optimizer=self.optimizer, strategy=devices.strategy,
                 global_batch_size=self.batch_size, variables=variables, jit_compile=devices.jit_compile,
                 frozen_as_constants=devices.frozen_as_constants, fused_batchnorm=devices.fused_batchnorm,
-                label_smoothing=self.label_smoothing, class_weights=self.class_weights,
+                label_smoothing=self.label_smoothing, class_weights=self.class_weights, tta=self.tta,
             )
             self.mode = mode
         return self.trainer

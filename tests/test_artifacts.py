@@ -166,7 +166,8 @@ def write_images(folder):
     return ["RGBA.PNG", "gray.png", "nested/deeper/x.jpg", "nested/first.gif", "rgb.bmp"]
 
 
-def test_predict_writes_one_row_per_readable_image_with_the_models_top_classes(data_dir, pretrained_run, tmp_path):
+@pytest.mark.parametrize("tta", [False, True], ids=["plain", "tta"])
+def test_predict_writes_one_row_per_readable_image_with_the_models_top_classes(data_dir, pretrained_run, tmp_path, tta):
     import keras
     import tensorflow as tf
 
@@ -177,7 +178,7 @@ def test_predict_writes_one_row_per_readable_image_with_the_models_top_classes(d
     run = str(tmp_path / "run")
     shutil.copytree(pretrained_run, run)
     status, stderr = launch_in_process("--job=predict", f"--model_dir={run}", f"--inputs={folder}",
-                                       f"--output={output}", "--top_k=2", "--batch_size=2")
+                                       f"--output={output}", "--top_k=2", "--batch_size=2", f"--tta={tta}")
     assert status == 0, stderr
     with open(output) as f:
         rows = list(csv.reader(f))
@@ -191,7 +192,10 @@ def test_predict_writes_one_row_per_readable_image_with_the_models_top_classes(d
         image = image[..., :3] if image.shape[-1] == 4 else image
         if image.shape[-1] == 3:
             image = tf.image.rgb_to_grayscale(image).numpy()
-        probabilities = keras.ops.softmax(model.predict(image[None], verbose=0)).numpy()[0]
+        logits = model.predict(image[None], verbose=0)
+        if tta:  # The mean with the mirror image's logits.
+            logits = (logits + model.predict(image[None, :, ::-1], verbose=0)) / 2
+        probabilities = keras.ops.softmax(logits).numpy()[0]
         best, second = np.argsort(-probabilities)[:2]
         assert row[1] == names[best] and row[3] == names[second], row
         assert float(row[2]) == pytest.approx(probabilities[best], abs=1e-5)

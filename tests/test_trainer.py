@@ -205,6 +205,31 @@ def test_per_class_accuracy_and_the_confusion_matrix_are_exact_across_replicas_a
         assert metrics["confusion_matrix"] == confusion.tolist()
 
 
+@pytest.mark.parametrize("strategy", [default_strategy, two_devices], ids=["1 replica", "2 replicas"])
+def test_tta_evaluates_the_mean_of_each_images_and_its_mirror_images_logits(strategy):
+    from data import pipeline
+
+    keras.utils.set_random_seed(5)
+    model = build_classifier(backbone="small_cnn", image_size=8, channels=1, num_classes=3)
+    rng = np.random.default_rng(6)
+    images, labels = rng.integers(0, 256, (21, 8, 8, 1)).astype("uint8"), rng.integers(0, 3, 21)
+    logits = (model.predict(images, verbose=0) + model.predict(images[:, :, ::-1], verbose=0)) / 2
+    assert not np.allclose(logits, model.predict(images, verbose=0), atol=1e-3), "mirroring must matter here"
+    loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy()
+    examples = pipeline.Examples(split=None, dataset=tf.data.Dataset.from_tensor_slices((images, labels)),
+                                 count=21, skipped=0)
+    strategy = strategy()
+    replicas = strategy.num_replicas_in_sync
+    trainer = Trainer(model=model, optimizer=None, strategy=strategy, global_batch_size=8,
+                      variables=model.trainable_variables, tta=True)
+    dataset = strategy.distribute_datasets_from_function(lambda context: pipeline.eval_dataset(
+        examples, batch_size=context.get_per_replica_batch_size(8), steps=3, local_replicas=replicas))
+    metrics = summarize(trainer.evaluate(dataset), ["a", "b", "c"])
+    assert metrics["examples"] == 21
+    assert metrics["loss"] == pytest.approx(loss.mean(), rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == labels)), abs=1e-12)
+
+
 def test_learning_rate_schedules():
     cosine = learning_rate_schedule(learning_rate=0.1, schedule="cosine", warmup_steps=0, total_steps=100)
     assert float(cosine(0)) == pytest.approx(0.1) and float(cosine(50)) == pytest.approx(0.05)

@@ -15,7 +15,7 @@ from errors import ConfigError
 from models import modes
 from models.backbones import BACKBONES
 
-JOBS = ("train", "evaluate", "export", "predict", "benchmark", "compare")
+JOBS = ("train", "evaluate", "export", "predict", "benchmark", "compare", "lr_find")
 EXPORT_FORMATS = ("saved_model", "litert", "litert_int8")
 # Jobs that use a trained run: they take every option not given on the command line from the run's own
 # flags.txt (so --model_dir is all they need), and refuse a given one that would describe another model.
@@ -47,7 +47,8 @@ class Config:
         "train",
         "What to run: train, evaluate, export or predict with a run; benchmark throughput; compare trains "
         "every mode (scratch, frozen, finetune, and staged with --head_epochs) into model_dir/<mode>/, "
-        "--mode unused. export and predict read the run's flags.txt: they need only --model_dir.",
+        "--mode unused; lr_find sweeps the learning rate (lr_find.json, lr_find.png), training nothing it "
+        "keeps. export and predict read the run's flags.txt: they need only --model_dir.",
         choices=JOBS,
     )
     model_dir: str = _option(None, "Run directory: checkpoints, logs, metrics, results.", kind=str)

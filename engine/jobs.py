@@ -7,11 +7,12 @@ the run's own, completed from its flags.txt: engine/config.py).
     predict    engine/predict.py    model.keras on image files -> predictions.csv
     benchmark  engine/benchmark.py  throughput per mode against Keras' fit
     compare    engine/compare.py    every mode with the same flags, side by side
+    lr_find    engine/lr_find.py    a learning-rate range test: lr_find.json and lr_find.png
 """
 
 from absl import logging
 
-from engine import assembly, benchmark, compare, export, predict, training
+from engine import assembly, benchmark, compare, export, lr_find, predict, training
 from engine.run_dir import RunDir
 from engine.trainer import Stages
 from errors import ConfigError
@@ -46,4 +47,5 @@ JOBS = {
     "predict": predict.predict,
     "benchmark": benchmark.benchmark,
     "compare": compare.compare,
+    "lr_find": lr_find.lr_find,
 }

@@ -73,7 +73,7 @@ class Run:
         def dataset_fn(context):
             self._check_shard(context)
             return pipeline.train_dataset(
-                examples, batch_size=context.get_per_replica_batch_size(config.batch_size),
+                examples, batch_size=context.get_per_replica_batch_size(config.step_batch),
                 batches_per_epoch=self.steps_per_epoch * local_replicas, seed=config.seed,
                 epochs=config.epochs, first_epoch=first_epoch, skip_batches=done * local_replicas,
                 augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
@@ -122,8 +122,8 @@ def build(config, *, pretrained=True):
         "Data: %s, %d classes (%s)", source.name, source.num_classes, ", ".join(source.class_names)
     )
     steps_per_epoch = distribute.agree_on_minimum(devices, pipeline.epoch_steps(
-        splits["train"], config.batch_size, devices.num_workers, config.steps_per_epoch
-    ))
+        splits["train"], config.step_batch, devices.num_workers, config.steps_per_epoch
+    )) // config.grad_accum_steps * config.grad_accum_steps  # An epoch ends with an update.
     if steps_per_epoch == 0:
         raise ConfigError(
             "batch_size", config.batch_size,
@@ -155,8 +155,11 @@ def build(config, *, pretrained=True):
             name=config.optimizer,
             learning_rate=learning_rate_schedule(
                 learning_rate=config.learning_rate, schedule=config.lr_schedule,
-                warmup_steps=config.warmup_steps, total_steps=steps_per_epoch * config.epochs,
+                warmup_steps=config.warmup_steps,
+                total_steps=steps_per_epoch * config.epochs // config.grad_accum_steps,  # In updates.
+                accumulation=config.grad_accum_steps,
             ),
+            gradient_accumulation_steps=config.grad_accum_steps,
             weight_decay=config.weight_decay, precision=devices.precision, variables=trained,
             lr_multipliers={id(w): config.backbone_lr_mult for w in trained if id(w) in backbone},
         )

@@ -158,7 +158,13 @@ class Config:
         "with its mirror image's (training unchanged; the feature cache then stays off).",
     )
     # Optimisation.
-    batch_size: int = _option(32, "Global batch size, split evenly across replicas.")
+    batch_size: int = _option(32, "Global batch size of an update, split evenly across replicas.")
+    grad_accum_steps: int = _option(
+        1,
+        "Gradient accumulation: each update averages the gradients of this many steps of --batch_size / N "
+        "examples each (large batches on small devices); steps, --steps_per_epoch and --checkpoint_every "
+        "count those steps, --warmup_steps updates.",
+    )
     epochs: int = _option(10, "Training epochs.")
     steps_per_epoch: int = _option(None, "Cap on training steps per epoch (default: one pass).", kind=int)
     steps_per_loop: int = _option(10, "Training steps run inside one tf.function call.")
@@ -225,6 +231,11 @@ class Config:
     output: str = _option(None, "--job=predict: the CSV to write (default: model_dir/predictions.csv).", kind=str)
     top_k: int = _option(1, "--job=predict: how many classes each row names, most probable first.")
 
+    @property
+    def step_batch(self):
+        """Examples per training step: --batch_size, or its share of an update with --grad_accum_steps."""
+        return self.batch_size // self.grad_accum_steps
+
     def to_flagfile(self):
         """The resolved options as flagfile text: rerunning with it rebuilds this config."""
         lines = []
@@ -248,7 +259,7 @@ FLAG_GROUPS = (
         "dataset", "data_dir", "manual_dir", "train_split", "eval_split", "test_split", "label_subset", "cache",
         "shuffle_buffer", "augment", "tta", "deterministic", "feature_cache", "feature_cache_max_gb")),
     ("Optimisation", (
-        "batch_size", "epochs", "steps_per_epoch", "steps_per_loop", "optimizer", "learning_rate", "lr_schedule",
+        "batch_size", "grad_accum_steps", "epochs", "steps_per_epoch", "steps_per_loop", "optimizer", "learning_rate", "lr_schedule",
         "warmup_steps", "weight_decay", "label_smoothing", "class_weight", "seed")),
     ("Devices (README: Throughput)", (
         "strategy", "tpu", "cpu_replicas", "precision", "jit_compile", "fused_batchnorm")),
@@ -329,7 +340,7 @@ def validate(config):
             raise ConfigError(field.name, value, f"must be one of {', '.join(choices)}")
     if config.image_size is None:
         config = dataclasses.replace(config, image_size=BACKBONES[config.backbone].default_image_size)
-    positive = ["batch_size", "epochs", "steps_per_loop", "cpu_replicas", "keep_checkpoints",
+    positive = ["batch_size", "grad_accum_steps", "epochs", "steps_per_loop", "cpu_replicas", "keep_checkpoints",
                 "learning_rate", "alpha", "image_size", "steps_per_epoch"]
     for name in positive:
         value = getattr(config, name)
@@ -343,6 +354,10 @@ def validate(config):
         raise ConfigError("dropout", config.dropout, "must be in [0, 1)")
     if config.bn_momentum is not None and not 0 <= config.bn_momentum < 1:
         raise ConfigError("bn_momentum", config.bn_momentum, "must be in [0, 1)")
+    if config.grad_accum_steps > 1 and config.job == "benchmark":
+        raise ConfigError("grad_accum_steps", config.grad_accum_steps, "--job=benchmark measures steps of --batch_size: leave it at 1")
+    if config.batch_size % config.grad_accum_steps:
+        raise ConfigError("grad_accum_steps", config.grad_accum_steps, f"must divide --batch_size={config.batch_size}")
     if not 0 <= config.label_smoothing < 1:
         raise ConfigError("label_smoothing", config.label_smoothing, "must be in [0, 1)")
     if config.weight_decay < 0:

@@ -143,10 +143,17 @@ def configure(config):
     fused_batchnorm = {"auto": kind == "CPU", "true": True, "false": False}[config.fused_batchnorm]
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    if config.batch_size % strategy.num_replicas_in_sync:
+    if config.grad_accum_steps > 1 and strategy.num_replicas_in_sync > 1:
+        raise ConfigError(
+            "grad_accum_steps", config.grad_accum_steps,
+            f"runs on one replica only, not {strategy.num_replicas_in_sync}: Keras' accumulation puts the "
+            "update in a cond, where tf.distribute cannot all-reduce",
+        )
+    if config.step_batch % strategy.num_replicas_in_sync:
         raise ConfigError(
             "batch_size", config.batch_size,
-            f"must be divisible by the {strategy.num_replicas_in_sync} replicas",
+            f"must be divisible by the {strategy.num_replicas_in_sync} replicas"
+            + (f" x --grad_accum_steps={config.grad_accum_steps}" if config.grad_accum_steps > 1 else ""),
         )
     logging.info(
         "Devices: %s x %d (%s), strategy %s%s, precision %s, XLA %s%s%s%s",

@@ -35,7 +35,7 @@ class Schedule:
     @classmethod
     def of(cls, config, steps_per_epoch, num_classes):
         return cls(epochs=config.epochs, steps_per_epoch=steps_per_epoch, steps_per_loop=config.steps_per_loop,
-                   checkpoint_every=config.checkpoint_every, global_batch_size=config.batch_size,
+                   checkpoint_every=config.checkpoint_every, global_batch_size=config.step_batch,
                    loss_upper_bound=config.loss_upper_bound or default_loss_upper_bound(num_classes))
 
 

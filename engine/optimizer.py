@@ -8,21 +8,38 @@ import keras
 import internals
 
 
-def learning_rate_schedule(*, learning_rate, schedule, warmup_steps, total_steps):
+def learning_rate_schedule(*, learning_rate, schedule, warmup_steps, total_steps, accumulation=1):
     """Keras' own CosineDecay: to 0 over the run for "cosine"; for "constant", its alpha=1 form (no
-    decay), which still gives the linear warm-up."""
+    decay), which still gives the linear warm-up. `warmup_steps` and `total_steps` count updates, which
+    with gradient accumulation are every `accumulation` steps."""
     if schedule == "constant" and not warmup_steps:
         return learning_rate
-    return keras.optimizers.schedules.CosineDecay(
+    cosine = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup_steps else learning_rate,
         decay_steps=max(total_steps - warmup_steps, 1),
         alpha=1.0 if schedule == "constant" else 0.0,
         warmup_target=learning_rate if warmup_steps else None,
         warmup_steps=warmup_steps,
     )
+    return cosine if accumulation == 1 else PerUpdate(cosine, accumulation)
 
 
-def make_optimizer(*, name, learning_rate, weight_decay, precision, variables, lr_multipliers=None):
+class PerUpdate(keras.optimizers.schedules.LearningRateSchedule):
+    """A schedule of updates for an optimizer that accumulates gradients: Keras 3.15 calls a schedule
+    with the raw iteration count, which counts every accumulation step (not, as its docs say, updates)."""
+
+    def __init__(self, schedule, accumulation):
+        self.schedule, self.accumulation = schedule, accumulation
+
+    def __call__(self, step):
+        return self.schedule(step // self.accumulation)
+
+    def get_config(self):
+        return {"schedule": keras.saving.serialize_keras_object(self.schedule), "accumulation": self.accumulation}
+
+
+def make_optimizer(*, name, learning_rate, weight_decay, precision, variables, lr_multipliers=None,
+                   gradient_accumulation_steps=1):
     """A Keras 3 optimizer built over `variables`: every variable that will ever train in this run, so
     a staged run's later stages keep the optimizer state of earlier ones.
 
@@ -40,6 +57,8 @@ def make_optimizer(*, name, learning_rate, weight_decay, precision, variables, l
     optimizer = classes[name](
         learning_rate=learning_rate,
         weight_decay=weight_decay if (weight_decay or name == "adamw") else None,
+        # Keras' own accumulation: an update every N steps with their mean gradient; its schedule counts updates.
+        gradient_accumulation_steps=gradient_accumulation_steps if gradient_accumulation_steps > 1 else None,
     )
     if weight_decay:
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])

@@ -31,7 +31,7 @@ IDENTITY = (
     "backbone", "alpha", "image_size", "dataset", "label_subset", "mode", "unfreeze", "unfreeze_from",
     "trainable_regex", "bn", "optimizer",
     # These fix which examples make each step: a resumed run must keep them to continue where it was.
-    "train_split", "batch_size", "steps_per_epoch",
+    "train_split", "batch_size", "grad_accum_steps", "steps_per_epoch",
     # The optimizer's checkpoint holds its learning rate: a resumed run would silently keep the old one.
     "learning_rate", "lr_schedule", "warmup_steps",
     # These define the loss: a resumed run with others would optimise something else from then on.

@@ -179,7 +179,7 @@ class Stages:
         self.head_epochs = config.head_epochs
         self.rule = trainability.Rule.from_config(config)
         self.bn = config.bn
-        self.optimizer, self.devices, self.batch_size = run.optimizer, run.devices, config.batch_size
+        self.optimizer, self.devices, self.batch_size = run.optimizer, run.devices, config.step_batch
         self.label_smoothing, self.tta = config.label_smoothing, config.tta
         self.class_weights = None
         if config.class_weight == "balanced":

@@ -116,6 +116,8 @@ BAD_INPUT = [
     (["--image_size=0"], "--image_size=0: must be positive"),
     (["--feature_cache_max_gb=0"], "--feature_cache_max_gb=0.0: must be positive"),
     (["--label_smoothing=1"], "--label_smoothing=1.0: must be in [0, 1)"),
+    (["--grad_accum_steps=3"], "--grad_accum_steps=3: must divide --batch_size=8"),
+    (["--grad_accum_steps=2", "--cpu_replicas=2"], "--grad_accum_steps=2: runs on one replica only, not 2"),
     (["--class_weight=inverse"], "--class_weight=inverse: must be one of none, balanced"),
     (["--label_smoothing=0.1"], "--model_dir={run}: holds a run with --label_smoothing=0.0, not 0.1"),
     (["--strategy=default", "--cpu_replicas=2"], "--cpu_replicas=2: needs --strategy=mirrored or auto, not default"),

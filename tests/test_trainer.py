@@ -240,6 +240,22 @@ def test_learning_rate_schedules():
 
 
 @pytest.mark.slow
+def test_two_accumulated_half_batches_train_what_one_full_batch_does(tiny, pretrained_run, tmp_path):
+    """Same examples per update, same updates (SGD with momentum, a cosine schedule counted in updates):
+    the weights agree to float rounding (rtol 1e-5), the accumulated run taking twice the steps."""
+    weights = os.path.join(pretrained_run, "backbone.weights.h5")
+    config = tiny(mode="finetune", unfreeze=4, weights=weights, bn="frozen", dropout=0.0, optimizer="sgd",
+                  learning_rate=0.05, lr_schedule="cosine", batch_size=8, epochs=2, steps_per_epoch=6,
+                  steps_per_loop=3, feature_cache="off")
+    full = train_run(config, tmp_path / "full")
+    accumulated = train_run(replace(config, grad_accum_steps=2, steps_per_epoch=12), tmp_path / "accumulated")
+    assert accumulated["global_step"] == 2 * full["global_step"] == 24
+    assert accumulated["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
+    for a, b in zip(final_weights(tmp_path / "accumulated"), final_weights(tmp_path / "full")):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_balanced_class_weights_raise_the_minority_class_accuracy(tiny, tmp_path, caplog):
     """T-shirts against ten times fewer shirts (the shipped sample's images, as a folder): weighting the
     shirts' loss ten times more makes the model find more of them."""

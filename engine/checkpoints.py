@@ -18,6 +18,7 @@ EXIT_INTERRUPTED; a second Ctrl-C stops at once (KeyboardInterrupt, which launch
 
 import os
 import re
+import shutil
 import signal
 import sys
 
@@ -134,6 +135,31 @@ class Checkpoints:
 
     def save(self):
         return self.writer.save(checkpoint_number=int(self.step.numpy()))
+
+    @property
+    def best(self):
+        """Where --keep_best keeps the best epoch's checkpoint, apart from the rolling ones."""
+        folder = self._run_dir() if self.is_chief else os.path.join(self.directory, f"workertemp_{self.worker_index}")
+        return os.path.join(folder, "best")
+
+    def save_best(self):
+        """Writes the current state as the best checkpoint; the previous best is replaced only once the new
+        one is whole (a kill in between leaves `best.old`, which `restore_best` reads)."""
+        staging, old = self.best + ".new", self.best + ".old"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.checkpoint.write(os.path.join(staging, "ckpt"))
+        if os.path.isdir(self.best):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.best, old)
+        os.replace(staging, self.best)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def restore_best(self):
+        """Loads the best checkpoint's model weights; returns its step."""
+        folder = self.best if os.path.isdir(self.best) else self.best + ".old"
+        reader = tf.train.load_checkpoint(os.path.join(folder, "ckpt"))
+        tf.train.Checkpoint(model=self.model).read(os.path.join(folder, "ckpt")).expect_partial()
+        return int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
 
     def watch_preemption(self, cluster_resolver):
         """From now on SIGTERM saves a checkpoint at the next `run` and exits with EXIT_PREEMPTED, and so

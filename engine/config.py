@@ -167,6 +167,14 @@ class Config:
     )
     epochs: int = _option(10, "Training epochs.")
     steps_per_epoch: int = _option(None, "Cap on training steps per epoch (default: one pass).", kind=int)
+    early_stopping: int = _option(
+        0, "Stop once this many epochs in a row have not raised the eval accuracy (0: train every epoch)."
+    )
+    keep_best: bool = _option(
+        False,
+        "model.keras, backbone.weights.h5, the test and results.json come from the epoch of the best eval "
+        "accuracy (its checkpoint kept in model_dir/best, apart from the rolling ones), not the last.",
+    )
     steps_per_loop: int = _option(10, "Training steps run inside one tf.function call.")
     optimizer: str = _option("adam", "Optimizer (sgd uses momentum 0.9).", choices=OPTIMIZERS)
     learning_rate: float = _option(1e-3, "Learning rate.")
@@ -259,7 +267,7 @@ FLAG_GROUPS = (
         "dataset", "data_dir", "manual_dir", "train_split", "eval_split", "test_split", "label_subset", "cache",
         "shuffle_buffer", "augment", "tta", "deterministic", "feature_cache", "feature_cache_max_gb")),
     ("Optimisation", (
-        "batch_size", "grad_accum_steps", "epochs", "steps_per_epoch", "steps_per_loop", "optimizer", "learning_rate", "lr_schedule",
+        "batch_size", "grad_accum_steps", "epochs", "steps_per_epoch", "early_stopping", "keep_best", "steps_per_loop", "optimizer", "learning_rate", "lr_schedule",
         "warmup_steps", "weight_decay", "label_smoothing", "class_weight", "seed")),
     ("Devices (README: Throughput)", (
         "strategy", "tpu", "cpu_replicas", "precision", "jit_compile", "fused_batchnorm")),
@@ -356,6 +364,11 @@ def validate(config):
         raise ConfigError("bn_momentum", config.bn_momentum, "must be in [0, 1)")
     if config.grad_accum_steps > 1 and config.job == "benchmark":
         raise ConfigError("grad_accum_steps", config.grad_accum_steps, "--job=benchmark measures steps of --batch_size: leave it at 1")
+    if config.early_stopping < 0:
+        raise ConfigError("early_stopping", config.early_stopping, "must not be negative")
+    for flag in ("early_stopping", "keep_best"):
+        if getattr(config, flag) and config.eval_split == "":
+            raise ConfigError(flag, getattr(config, flag), "needs an eval split to watch (--eval_split is '')")
     if config.batch_size % config.grad_accum_steps:
         raise ConfigError("grad_accum_steps", config.grad_accum_steps, f"must divide --batch_size={config.batch_size}")
     if not 0 <= config.label_smoothing < 1:

@@ -61,9 +61,13 @@ class Throughput:
 
 
 def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkpoints, record_epoch,
-                 progress_label=""):
-    """Trains from the step in `state` to the end of the schedule; returns (the last epoch's metrics,
-    throughput).
+                 progress_label="", history=(), patience=0, on_best=None):
+    """Trains from the step in `state` to the end of the schedule, or until `patience` epochs in a row
+    have not raised the eval accuracy (0: never); returns (the last epoch's metrics, throughput, whether
+    it stopped early).
+
+    `history` holds the eval accuracies of the epochs done (a resumed run's); `on_best(epoch)` is called
+    after the checkpoint of an epoch that raised it.
 
     `stages(epoch)` gives the epoch's Trainer; `state` holds the `step` and `epoch_sums` variables;
     `train_dataset` is a distributed stream positioned at that step; `eval_dataset` is evaluated after
@@ -78,8 +82,14 @@ def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkp
     throughput = Throughput()  # The run's, leaving out each stage's first call (it traces).
     traced, non_finite, last_finite_step = set(), 0, int(step_counter.numpy())
     bound = schedule.loss_upper_bound
+    history, stopped = list(history), False
     record = {}
     for epoch in range(first_epoch, schedule.epochs):
+        if patience and done == 0 and history and len(history) - 1 - int(np.argmax(history)) >= patience:
+            logging.info("Early stopping: the eval accuracy has not risen for %d epochs (best %.4f, epoch %d)",
+                         patience, max(history), int(np.argmax(history)) + 1)
+            stopped = True
+            break
         trainer = stages(epoch)
         if done == 0:
             epoch_sums.assign(tf.zeros([3], tf.float64))
@@ -141,6 +151,10 @@ def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkp
         }
         record_epoch(record)
         _save(checkpoints, trainer, int(step_counter.numpy()), last_finite_step)
+        if eval_metrics:
+            history.append(eval_metrics["accuracy"])
+            if on_best and len(history) - 1 == int(np.argmax(history)):
+                on_best(epoch + 1)
         logging.info(
             "epoch %d/%d: train loss %.4f acc %.4f%s | %s img/s",
             epoch + 1, schedule.epochs, train_metrics["loss"], train_metrics["accuracy"],
@@ -148,7 +162,7 @@ def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkp
             if eval_metrics else "",
             _fmt(epoch_throughput.images_per_sec),
         )
-    return record, throughput
+    return record, throughput, stopped
 
 
 def _save(checkpoints, trainer, step, last_finite_step):

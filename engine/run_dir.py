@@ -129,10 +129,16 @@ class RunDir:
         for writer in self._writers.values():
             writer.flush()
 
+    def metrics(self):
+        """Every line of metrics.jsonl as a dict, one per epoch done ([] before the first)."""
+        if not os.path.exists(self.file("metrics.jsonl")):
+            return []
+        with open(self.file("metrics.jsonl")) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
     def last_metrics(self):
         """The last line of metrics.jsonl as a dict."""
-        with open(self.file("metrics.jsonl")) as f:
-            return json.loads(f.read().splitlines()[-1])
+        return self.metrics()[-1]
 
     def keep_metrics_until(self, epoch):
         """Drops metrics lines of epochs after `epoch` (written before a crash, not checkpointed)."""

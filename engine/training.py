@@ -6,6 +6,7 @@ import os
 import time
 
 from absl import logging
+import numpy as np
 
 from engine import assembly, confusion, feature_cache, loop
 from engine.run_dir import RunDir, replace_atomic
@@ -38,7 +39,9 @@ def train(config, *, progress_label=""):
 def _train(config, run, run_dir, started, progress_label):
     restored = run.checkpoints.restore()
     finished = run_dir.read_json("results.json")
-    if restored and run.epochs_done >= config.epochs and finished.get("global_step") == int(run.state.step.numpy()):
+    if restored and (run.epochs_done >= config.epochs or finished.get("stopped_early")) and (
+        finished.get("global_step") == int(run.state.step.numpy())
+    ):
         logging.info("Complete: this run has trained its %d epochs (step %d); nothing changed. Its results are in "
                      "%s; a larger --epochs continues it", config.epochs, finished["global_step"],
                      run_dir.file("results.json"))
@@ -74,16 +77,27 @@ def _train(config, run, run_dir, started, progress_label):
         )
 
     before = trainability.snapshot(run.model)
+    history = [record["eval_accuracy"] for record in run_dir.metrics()]
+    at_epoch_end = int(run.state.step.numpy()) == run.epochs_done * run.steps_per_epoch
+    if config.keep_best and history and at_epoch_end and int(np.argmax(history)) + 1 == run.epochs_done:
+        run.checkpoints.save_best()  # A kill may have come between this epoch's checkpoint and its best copy.
     try:
-        last, throughput = loop.train_epochs(
+        last, throughput, stopped = loop.train_epochs(
             schedule=loop.Schedule.of(config, run.steps_per_epoch, run.source.num_classes), stages=stages, state=run.state,
             train_dataset=run.train_dataset(splits["train"]), eval_dataset=run.eval_dataset(splits["eval"]),
             checkpoints=run.checkpoints, record_epoch=run_dir.record_epoch, progress_label=progress_label,
+            history=history, patience=config.early_stopping,
+            on_best=(lambda epoch: run.checkpoints.save_best()) if config.keep_best else None,
         )
     finally:
         run.checkpoints.stop_watching()
     if not last:  # Nothing left to train: report the last checkpointed epoch.
         last = run_dir.last_metrics()
+    if config.keep_best:  # The best epoch's weights make the artifacts, the test and the reported metrics.
+        best_step = run.checkpoints.restore_best()
+        last = next(record for record in run_dir.metrics() if record["global_step"] == best_step)
+        logging.info("Keeping the best epoch, %d of %d (eval accuracy %.4f): model.keras, backbone.weights.h5 "
+                     "and the test come from it", last["epoch"], run.epochs_done, last["eval_accuracy"])
     test = evaluate_split(run, stages(run.epochs_done - 1), splits["test"])
 
     replace_atomic(run_dir.file("model.keras"), run.model.save)
@@ -97,6 +111,8 @@ def _train(config, run, run_dir, started, progress_label):
         "class_names": list(run.source.class_names),
         "global_step": int(run.state.step.numpy()),
         "epochs_completed": run.epochs_done,
+        "stopped_early": stopped,
+        "best_epoch": last["epoch"] if config.keep_best else None,
         "trainable_params": trainable,
         "non_trainable_params": frozen,
         "train_loss": last["train_loss"],

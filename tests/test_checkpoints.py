@@ -238,3 +238,39 @@ def test_the_same_seed_gives_identical_results(tiny, tmp_path):
     assert without_timing(first) == without_timing(second)
     for a, b in zip(weights(tmp_path / "first"), weights(tmp_path / "second")):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_when_patience_runs_out_and_keep_best_reports_the_best_epoch(tiny, tmp_path):
+    from engine.run_dir import RunDir
+    from helpers import digest_tree, launch_in_process, tiny_flags
+
+    run = tmp_path / "run"
+    config = tiny(model_dir=str(run), epochs=10, steps_per_epoch=4, learning_rate=0.01, early_stopping=2,
+                  keep_best=True, keep_checkpoints=20, eval_split="test[:60]")
+    status, stderr = launch_in_process(*tiny_flags(config))
+    assert status == 0, stderr
+    records = RunDir(str(run)).metrics()
+    with open(run / "results.json") as f:
+        results = json.load(f)
+    history = [record["eval_accuracy"] for record in records]
+    best = int(np.argmax(history))
+    # It stopped at the first epoch after which two had passed without a rise, and not before.
+    assert results["stopped_early"] and len(history) < 10, history
+    assert len(history) - 1 - best == 2
+    assert all(k - int(np.argmax(history[:k + 1])) < 2 for k in range(len(history) - 1)), history
+    # keep_best: the best epoch's metrics and weights (its rolling checkpoint's), not the last epoch's.
+    assert results["best_epoch"] == best + 1 and results["eval_accuracy"] == history[best]
+    trained = keras.saving.load_model(str(run / "model.keras"))
+
+    def weights_of(step):
+        model = keras.saving.load_model(str(run / "model.keras"))
+        tf.train.Checkpoint(model=model).read(str(run / "checkpoints" / f"ckpt-{step}")).assert_existing_objects_matched()
+        return [weight.numpy() for weight in model.weights]
+
+    assert all(np.array_equal(a.numpy(), b) for a, b in zip(trained.weights, weights_of(records[best]["global_step"])))
+    assert not all(np.array_equal(a.numpy(), b) for a, b in zip(trained.weights, weights_of(records[-1]["global_step"])))
+    # The rerun has nothing to do.
+    before = digest_tree(run)
+    status, stderr = launch_in_process(*tiny_flags(config))
+    assert status == 0 and digest_tree(run) == before, stderr

@@ -94,7 +94,7 @@ class Source:
         counts = None
         try:
             if self.label_subset:
-                counts = self._label_counts(split)[list(self.label_subset)]
+                counts = np.array(self.class_counts(split))
                 size = int(counts.sum())
             else:
                 size = self._size(split)
@@ -333,5 +333,4 @@ def _unreachable(urls):
         return None  # It answered.
     except (OSError, ValueError) as error:
         return f"{host.netloc} cannot be reached ({getattr(error, 'reason', error)})"
-    return None
     return None

@@ -267,8 +267,9 @@ FLAG_GROUPS = (
         "dataset", "data_dir", "manual_dir", "train_split", "eval_split", "test_split", "label_subset", "cache",
         "shuffle_buffer", "augment", "tta", "deterministic", "feature_cache", "feature_cache_max_gb")),
     ("Optimisation", (
-        "batch_size", "grad_accum_steps", "epochs", "steps_per_epoch", "early_stopping", "keep_best", "steps_per_loop", "optimizer", "learning_rate", "lr_schedule",
-        "warmup_steps", "weight_decay", "label_smoothing", "class_weight", "seed")),
+        "batch_size", "grad_accum_steps", "epochs", "steps_per_epoch", "early_stopping", "keep_best",
+        "steps_per_loop", "optimizer", "learning_rate", "lr_schedule", "warmup_steps", "weight_decay",
+        "label_smoothing", "class_weight", "seed")),
     ("Devices (README: Throughput)", (
         "strategy", "tpu", "cpu_replicas", "precision", "jit_compile", "fused_batchnorm")),
     ("Checkpoints and faults (README: Reliability)", ("checkpoint_every", "keep_checkpoints", "loss_upper_bound")),

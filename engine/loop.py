@@ -67,7 +67,7 @@ def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkp
     it stopped early).
 
     `history` holds the eval accuracies of the epochs done (a resumed run's); `on_best(epoch)` is called
-    after the checkpoint of an epoch that raised it.
+    after the checkpoint of an epoch that raised it (and again on resuming at the end of such an epoch).
 
     `stages(epoch)` gives the epoch's Trainer; `state` holds the `step` and `epoch_sums` variables;
     `train_dataset` is a distributed stream positioned at that step; `eval_dataset` is evaluated after
@@ -83,11 +83,13 @@ def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkp
     traced, non_finite, last_finite_step = set(), 0, int(step_counter.numpy())
     bound = schedule.loss_upper_bound
     history, stopped = list(history), False
+    if on_best and done == 0 and history and _epochs_since_best(history) == 0:
+        on_best(len(history))  # A kill may have come between that epoch's checkpoint and on_best.
     record = {}
     for epoch in range(first_epoch, schedule.epochs):
-        if patience and done == 0 and history and len(history) - 1 - int(np.argmax(history)) >= patience:
+        if patience and done == 0 and history and _epochs_since_best(history) >= patience:
             logging.info("Early stopping: the eval accuracy has not risen for %d epochs (best %.4f, epoch %d)",
-                         patience, max(history), int(np.argmax(history)) + 1)
+                         patience, max(history), len(history) - _epochs_since_best(history))
             stopped = True
             break
         trainer = stages(epoch)
@@ -153,7 +155,7 @@ def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkp
         _save(checkpoints, trainer, int(step_counter.numpy()), last_finite_step)
         if eval_metrics:
             history.append(eval_metrics["accuracy"])
-            if on_best and len(history) - 1 == int(np.argmax(history)):
+            if on_best and _epochs_since_best(history) == 0:
                 on_best(epoch + 1)
         logging.info(
             "epoch %d/%d: train loss %.4f acc %.4f%s | %s img/s",
@@ -163,6 +165,11 @@ def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkp
             _fmt(epoch_throughput.images_per_sec),
         )
     return record, throughput, stopped
+
+
+def _epochs_since_best(history):
+    """Epochs since the highest eval accuracy of `history` (its first occurrence)."""
+    return len(history) - 1 - int(np.argmax(history))
 
 
 def _save(checkpoints, trainer, step, last_finite_step):

@@ -6,7 +6,6 @@ import os
 import time
 
 from absl import logging
-import numpy as np
 
 from engine import assembly, confusion, feature_cache, loop
 from engine.run_dir import RunDir, replace_atomic
@@ -78,9 +77,6 @@ def _train(config, run, run_dir, started, progress_label):
 
     before = trainability.snapshot(run.model)
     history = [record["eval_accuracy"] for record in run_dir.metrics()]
-    at_epoch_end = int(run.state.step.numpy()) == run.epochs_done * run.steps_per_epoch
-    if config.keep_best and history and at_epoch_end and int(np.argmax(history)) + 1 == run.epochs_done:
-        run.checkpoints.save_best()  # A kill may have come between this epoch's checkpoint and its best copy.
     try:
         last, throughput, stopped = loop.train_epochs(
             schedule=loop.Schedule.of(config, run.steps_per_epoch, run.source.num_classes), stages=stages, state=run.state,

@@ -179,15 +179,22 @@ def write_checkpoint_state(directory, latest, paths):
     )
 
 
-NATIVE_CHATTER = re.compile(r"(INFO: |fully_quantize: )")  # LiteRT's and its converter's INFO lines.
+NATIVE_CHATTER = re.compile(
+    r"(INFO: |fully_quantize: )"  # LiteRT's and its converter's INFO lines.
+    # tf.data's rewrite of a parallel map into a sequential one under op determinism copies an attribute
+    # the sequential op lacks, and says so at ERROR level (harmless: "Unknown attributes will be ignored"),
+    # after absl's note that logging is not initialised.
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|E0000 .*NodeDef mentions attribute use_unbounded_threadpool which is not in the op definition: Op<name=MapDataset"
+)
 
 
 @contextlib.contextmanager
 def quiet_native_info():
     """Holds what native code writes to file descriptors 1 and 2 while the block runs, then writes back
     every line but NATIVE_CHATTER's: LiteRT's interpreter ("INFO: Created TensorFlow Lite XNNPACK
-    delegate") and the TFLite converter ("fully_quantize: 0, ...") print INFO lines from C++ that
-    neither TF_CPP_MIN_LOG_LEVEL nor a Python logger controls."""
+    delegate"), the TFLite converter ("fully_quantize: 0, ...") and tf.data under op determinism (in
+    evaluation) print lines from C++ that neither TF_CPP_MIN_LOG_LEVEL nor a Python logger controls."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}

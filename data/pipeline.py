@@ -3,7 +3,8 @@
 Per worker, once: read its shard (by example) -> parallel decode and resize to uint8 at `image_size`
 -> skip undecodable images -> cache (memory, files, or none) -> one counting pass, which fills the cache
 and tells exactly how many examples decoded. Then per epoch: seeded shuffle -> augmentation (after the
-cache, so every epoch draws new crops and flips from one decode) -> per-replica batches -> prefetch.
+cache, so every epoch draws new crops and flips from one decode) -> per-replica batches -> MixUp or
+CutMix of each batch (then a third element, the mixed soft labels) -> prefetch.
 
 Pixel scaling and grayscale-to-RGB are not done here: the model's own preprocessing does them
 (models/classifier.py), so the cache holds one channel for grayscale data and the saved model carries
@@ -12,7 +13,10 @@ its preprocessing.
 Training is one stream for the whole run: epoch e is `shuffle(seed of e)` over the cached examples, cut
 to exactly `batches_per_epoch`; augmentation draws from stateless seeds (seed, epoch, position). Every
 epoch is therefore a pure function of (seed, epoch): a run can start its stream at any epoch and see
-exactly what an uninterrupted run saw. Evaluation reads each example exactly once.
+exactly what an uninterrupted run saw. Keras' own RandAugment, MixUp and CutMix layers draw from a
+seed-generator variable; `stateless` hands them the example's (or batch's) seed instead, through Keras'
+StatelessScope, so they are pure functions of their seeds too (and safe in a parallel map).
+Evaluation reads each example exactly once.
 """
 
 import dataclasses
@@ -20,6 +24,7 @@ import os
 import re
 import time
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -132,21 +137,71 @@ def epoch_steps(examples, global_batch_size, num_workers=1, cap=None):
     return min(steps, cap) if cap else steps
 
 
-def augment(image, seed, mode):
-    """`flip`: random left-right flip; `flip_crop`: also a random crop of the image padded by an eighth
-    (reflected). Stateless: the same seed gives the same pixels."""
-    flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    if mode == "flip_crop":
-        size = image.shape[0]
-        pad = max(1, size // 8)
-        padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-        image = tf.image.stateless_random_crop(padded, tf.shape(image), crop_seed)
-    return image
+def stateless(layer, inputs, seed):
+    """Calls a Keras random preprocessing layer with its seed generator's state replaced by `seed` (an
+    int64 pair): the same seed gives the same output, and the layer's own state never moves."""
+    state = layer.generator.state
+    with keras.StatelessScope(state_mapping=[(state, tf.cast(seed, state.dtype))]):
+        return layer(inputs, training=True)
+
+
+def to_pixels(images):
+    """Float images in [0, 255] -> uint8, what the cache holds and the model takes."""
+    return tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)
+
+
+class Augmentation:
+    """Training augmentation after the cache: per example (`mode`: flip, flip_crop, randaugment: flips
+    then Keras' RandAugment, 2 of its 11 operations at magnitude 0.5), then per batch Keras' MixUp
+    (`mixup`: its Beta alpha) or CutMix (`cutmix`: its Beta alpha); with both, each batch takes one of
+    the two at random. Mixed batches carry soft labels besides the unmixed ones."""
+
+    def __init__(self, mode="none", mixup=0.0, cutmix=0.0, num_classes=2):
+        self.mode, self.num_classes = mode, num_classes
+        self.randaugment = keras.layers.RandAugment(value_range=(0, 255)) if mode == "randaugment" else None
+        self.mixers = [layer for layer in (
+            keras.layers.MixUp(alpha=mixup) if mixup else None,
+            keras.layers.CutMix(factor=cutmix) if cutmix else None,
+        ) if layer is not None]
+
+    @classmethod
+    def of(cls, config, num_classes):
+        """A run's augmentation, from its --augment, --mixup and --cutmix."""
+        return cls(config.augment, config.mixup, config.cutmix, num_classes)
+
+    def example(self, image, seed):
+        """`flip`: random left-right flip; `flip_crop`: also a random crop of the image padded by an
+        eighth (reflected); `randaugment`: the flip, then RandAugment."""
+        flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        if self.mode == "flip_crop":
+            size = image.shape[0]
+            pad = max(1, size // 8)
+            padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+            image = tf.image.stateless_random_crop(padded, tf.shape(image), crop_seed)
+        elif self.randaugment is not None:
+            image = to_pixels(stateless(self.randaugment, image, crop_seed))
+        return image
+
+    def batch(self, images, labels, seed):
+        """(mixed images, the unmixed labels, the mixed labels as class probabilities)."""
+        choice_seed, mix_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        inputs = {"images": images, "labels": tf.one_hot(labels, self.num_classes)}
+
+        def mix(layer):
+            mixed = stateless(layer, inputs, mix_seed)
+            return to_pixels(mixed["images"]), mixed["labels"]
+
+        if len(self.mixers) == 1:
+            mixed = mix(self.mixers[0])
+        else:
+            use_first = tf.random.stateless_uniform([], choice_seed) < 0.5
+            mixed = tf.cond(use_first, lambda: mix(self.mixers[0]), lambda: mix(self.mixers[1]))
+        return mixed[0], labels, mixed[1]
 
 
 def train_dataset(examples, *, batch_size, batches_per_epoch, seed, epochs, first_epoch=0, skip_batches=0,
-                  augmentation="none", shuffle_buffer=SHUFFLE_BUFFER, deterministic=True):
+                  augmentation=Augmentation(), shuffle_buffer=SHUFFLE_BUFFER, deterministic=True):
     """Per-replica batches of (images, labels) for epochs `first_epoch` to `epochs` - 1, less the first
     `skip_batches` (a resumed run's position in its epoch); see the module docstring.
     `batches_per_epoch` counts this worker's batches: steps x local replicas. The stream ends with
@@ -159,14 +214,20 @@ def train_dataset(examples, *, batch_size, batches_per_epoch, seed, epochs, firs
         tf.random.set_seed(SHUFFLE_GRAPH_SEED)
         epoch_seed = seed * 1_000_003 + index
         shuffled = examples.dataset.shuffle(shuffle_buffer or examples.count, seed=epoch_seed)
-        if augmentation != "none":
+        if augmentation.mode != "none":
             shuffled = shuffled.enumerate().map(
                 lambda position, example: (
-                    augment(example[0], tf.stack([epoch_seed, position]), augmentation), example[1]
+                    augmentation.example(example[0], tf.stack([epoch_seed, position])), example[1]
                 ),
                 num_parallel_calls=AUTOTUNE,
             )
-        return shuffled.batch(batch_size, drop_remainder=True).take(batches_per_epoch)
+        batches = shuffled.batch(batch_size, drop_remainder=True).take(batches_per_epoch)
+        if augmentation.mixers:  # Seeds apart from the examples': (epoch seed, -1 - batch).
+            batches = batches.enumerate().map(
+                lambda index, batch: augmentation.batch(*batch, tf.stack([epoch_seed, -1 - index])),
+                num_parallel_calls=AUTOTUNE,
+            )
+        return batches
 
     stream = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch).skip(skip_batches)
     return stream.prefetch(AUTOTUNE).with_options(options(deterministic))

@@ -76,7 +76,7 @@ class Run:
                 examples, batch_size=context.get_per_replica_batch_size(config.step_batch),
                 batches_per_epoch=self.steps_per_epoch * local_replicas, seed=config.seed,
                 epochs=config.epochs, first_epoch=first_epoch, skip_batches=done * local_replicas,
-                augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
+                augmentation=pipeline.Augmentation.of(config, self.source.num_classes), shuffle_buffer=config.shuffle_buffer,
                 deterministic=config.deterministic,
             )
 
@@ -149,6 +149,7 @@ def build(config, *, pretrained=True):
         trained = trainability.apply(
             model, mode=mode.stage(config.epochs - 1, config.head_epochs).name,
             rule=trainability.Rule.from_config(config), bn=config.bn, bn_momentum=config.bn_momentum,
+            lora_rank=config.lora_rank,
         )
         backbone = {id(weight) for weight in model.get_layer(BACKBONE_LAYER).weights}
         optimizer = make_optimizer(
@@ -159,7 +160,7 @@ def build(config, *, pretrained=True):
                 total_steps=steps_per_epoch * config.epochs // config.grad_accum_steps,  # In updates.
                 accumulation=config.grad_accum_steps,
             ),
-            gradient_accumulation_steps=config.grad_accum_steps,
+            gradient_accumulation_steps=config.grad_accum_steps, ema=config.ema,
             weight_decay=config.weight_decay, precision=devices.precision, variables=trained,
             lr_multipliers={id(w): config.backbone_lr_mult for w in trained if id(w) in backbone},
         )

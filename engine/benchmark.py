@@ -43,7 +43,8 @@ CACHED_WINDOW_STEPS = 100  # Steps on cached activations are much shorter: more 
 EXTRACTION_WINDOW_BATCHES = 10  # Extraction batches (each one training batch) per timed window.
 FIT_WARMUP_STEPS = 2  # Left out of each fit window: the first call traces, every call restarts its input.
 TUTORIAL_SHUFFLE = 1000  # The tutorials' shuffle buffer.
-MODES = tuple(name for name, mode in modes.MODES.items() if not mode.head_first)  # Each a row, scratch first.
+# Each a row, scratch first. Not lora: the tutorials' plain fit, the anchor, has no LoRA form.
+MODES = tuple(name for name, mode in modes.MODES.items() if not mode.head_first and mode.backbone_trains != modes.ADAPTERS)
 CACHED_MODES = tuple(name for name in MODES if modes.MODES[name].feature_cache)  # And a row on activations.
 EPOCHS = 10  # The run length over which a feature cache's one-time extraction is amortised.
 STREAM_EPOCHS = 1000
@@ -78,7 +79,8 @@ def pipeline_rates(config, split, *, batches=100):
         prepare_seconds = time.perf_counter() - started
         stream = pipeline.train_dataset(
             examples, batch_size=config.batch_size, batches_per_epoch=examples.count // config.batch_size,
-            seed=config.seed, epochs=1, augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
+            seed=config.seed, epochs=1, augmentation=pipeline.Augmentation.of(config, split.source.num_classes),
+            shuffle_buffer=config.shuffle_buffer,
             deterministic=config.deterministic,
         )
         (rates,) = windows(lambda: pipeline.images_per_sec(stream, batches=batches))
@@ -255,7 +257,8 @@ def same_model_fit(run, variables):
         _compile(model, run, jit_compile=devices.jit_compile)
     data = pipeline.train_dataset(
         run.splits["train"], batch_size=config.batch_size, batches_per_epoch=run.steps_per_epoch, seed=config.seed,
-        epochs=1, augmentation=config.augment, shuffle_buffer=config.shuffle_buffer,
+        epochs=1, augmentation=pipeline.Augmentation.of(config, run.source.num_classes),
+        shuffle_buffer=config.shuffle_buffer,
         deterministic=config.deterministic,
     ).repeat()
     return model, data

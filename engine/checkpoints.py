@@ -48,7 +48,7 @@ class Checkpoints:
     def __init__(self, *, model, optimizer, step, epoch_sums, directory, keep, is_chief=True, worker_index=0):
         weights = {id(weight) for weight in model.weights}
         rng = [variable for variable in model.variables if id(variable) not in weights]
-        self.model = model
+        self.model, self.optimizer = model, optimizer
         self.step = step
         self.directory, self.keep, self.is_chief, self.worker_index = directory, keep, is_chief, worker_index
         self.checkpoint = tf.train.Checkpoint(
@@ -68,8 +68,13 @@ class Checkpoints:
     def latest(self):
         return self.reader.latest_checkpoint
 
+    def _weights(self):
+        """What evaluating a checkpoint reads: the model and the optimizer, which holds --ema's averages."""
+        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+
     def restore(self, *, model_only=False):
-        """Restores the newest checkpoint that reads back intact, if any; returns its path.
+        """Restores the newest checkpoint that reads back intact, if any; returns its path. `model_only`:
+        the weights only (and their --ema averages), not the run's position.
 
         Damaged checkpoints (truncated or corrupted files) are named in a warning and skipped; with
         none intact, a ConfigError. A checkpoint of another configuration is refused with a ConfigError.
@@ -92,7 +97,7 @@ class Checkpoints:
                 f"every checkpoint is damaged (newest {present[0]}: {damage(present[0])}); move "
                 f"{self.directory} away to start over",
             )
-        target = tf.train.Checkpoint(model=self.model) if model_only else self.checkpoint
+        target = self._weights() if model_only else self.checkpoint
         try:
             status = target.restore(path)
             if model_only:
@@ -155,10 +160,10 @@ class Checkpoints:
         shutil.rmtree(old, ignore_errors=True)
 
     def restore_best(self):
-        """Loads the best checkpoint's model weights; returns its step."""
+        """Loads the best checkpoint's weights (and their --ema averages); returns its step."""
         folder = self.best if os.path.isdir(self.best) else self.best + ".old"
         reader = tf.train.load_checkpoint(os.path.join(folder, "ckpt"))
-        tf.train.Checkpoint(model=self.model).read(os.path.join(folder, "ckpt")).expect_partial()
+        self._weights().read(os.path.join(folder, "ckpt")).expect_partial()
         return int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
 
     def watch_preemption(self, cluster_resolver):

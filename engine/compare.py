@@ -1,7 +1,7 @@
 """`--job=compare`: the tutorials' experiment in one command.
 
-The same task trained from scratch, with the pretrained backbone frozen, and fine-tuned (and staged,
-head first, when --head_epochs is set), with otherwise identical flags, each in `model_dir/<mode>/` so
+The same task trained from scratch, with the pretrained backbone frozen, fine-tuned (and staged, head
+first, when --head_epochs is set) and adapted with LoRA factors, with otherwise identical flags, each in `model_dir/<mode>/` so
 TensorBoard shows them side by side (`tensorboard --logdir model_dir`). Then `compare.md` (the table)
 and `compare.png` (validation curves). A mode that fails is reported in the table; the others still run.
 """
@@ -92,6 +92,7 @@ def _describe(config):
         "epochs": config.epochs, "head_epochs": config.head_epochs, "batch_size": config.batch_size,
         "learning_rate": config.learning_rate, "backbone_lr_mult": config.backbone_lr_mult,
         "unfreeze": config.unfreeze or config.unfreeze_from or config.trainable_regex,
+        "lora_rank": config.lora_rank,
     }
 
 
@@ -111,7 +112,7 @@ def markdown(report):
         f"Weights `{described['weights']}`, {described['epochs']} epochs, batch {described['batch_size']}, "
         f"learning rate {described['learning_rate']:g}, train `{described['train_split']}`, "
         f"validation `{described['eval_split']}`, test `{described['test_split']}`; finetune unfreezes "
-        f"`{described['unfreeze']}`.",
+        f"`{described['unfreeze']}`; lora adds rank-{described.get('lora_rank')} factors.",
         "",
         "| mode | status | train loss | train acc | val loss | val acc | test loss | test acc "
         "| trainable params | frozen params | images/sec | wall time |",

@@ -23,7 +23,7 @@ RUN_JOBS = ("evaluate", "export", "predict")
 RUN_MODEL = ("dataset", "label_subset", "backbone", "alpha", "image_size")
 EVERY_MODE_JOBS = ("compare", "benchmark")  # Jobs that run every mode: the flags describe finetune.
 BN_POLICIES = ("frozen", "train")
-AUGMENTATIONS = ("none", "flip", "flip_crop")
+AUGMENTATIONS = ("none", "flip", "flip_crop", "randaugment")
 OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 STRATEGIES = ("auto", "default", "mirrored", "one_device", "multi_worker", "tpu")
@@ -56,9 +56,11 @@ class Config:
     mode: str = _option(
         "frozen",
         "scratch: random backbone, all trains; frozen: pretrained backbone fixed, head trains; "
-        "finetune: pretrained backbone, top --unfreeze layers and head train.",
+        "finetune: pretrained backbone, top --unfreeze layers and head train; lora: pretrained backbone fixed, "
+        "head and low-rank factors beside its Conv2D/Dense kernels train (Keras LoRA).",
         choices=modes.FLAG_VALUES,
     )
+    lora_rank: int = _option(4, "lora: the rank of the factors beside each Conv2D and Dense kernel of the backbone.")
     # finetune rules: exactly one of these three.
     unfreeze: int = _option(0, "finetune: how many of the backbone's top layers with weights train.")
     unfreeze_from: str = _option("", "finetune: this backbone layer and every layer above it train.")
@@ -133,8 +135,18 @@ class Config:
     )
     shuffle_buffer: int = _option(10_000, "Shuffle buffer in examples; 0 shuffles the whole split.")
     augment: str = _option(
-        "none", "Training augmentation after the cache: flips, or flips and random crops.",
+        "none",
+        "Training augmentation after the cache: flips, flips and random crops, or flips and Keras' RandAugment "
+        "(2 operations, magnitude 0.5).",
         choices=AUGMENTATIONS,
+    )
+    mixup: float = _option(
+        0.0, "MixUp (Keras' layer) of each training batch with this Beta alpha, e.g. 0.2; the loss takes the mixed "
+        "labels (0: off).",
+    )
+    cutmix: float = _option(
+        0.0, "CutMix (Keras' layer) of each training batch with this Beta alpha, e.g. 1.0; with --mixup too, each "
+        "batch takes one of the two at random (0: off).",
     )
     deterministic: bool = _option(
         False, "Reproducible runs: op determinism and in-order tf.data (slower)."
@@ -191,6 +203,11 @@ class Config:
         "balanced: each training example's loss is weighted by its class's inverse frequency in the train "
         "split (exact counts, mean weight 1 over the classes); evaluation stays unweighted.",
         choices=("none", "balanced"),
+    )
+    ema: float = _option(
+        0.0,
+        "Exponential moving average of the trained weights with this decay (Keras' optimizer EMA, e.g. 0.99; "
+        "0: off): evaluation, the test, model.keras and exports use the averaged weights.",
     )
     seed: int = _option(42, "Seed for initialisation, shuffling and dropout.")
     # Devices.
@@ -261,15 +278,16 @@ class Config:
 FLAG_GROUPS = (
     ("What to run", ("job", "model_dir")),
     ("What trains (README: What trains)", (
-        "mode", "unfreeze", "unfreeze_from", "trainable_regex", "bn", "head_epochs", "backbone_lr_mult")),
+        "mode", "unfreeze", "unfreeze_from", "trainable_regex", "bn", "head_epochs", "backbone_lr_mult",
+        "lora_rank")),
     ("The model (README: Backbones)", ("backbone", "alpha", "image_size", "weights", "dropout", "bn_momentum")),
     ("The data (README: Data)", (
         "dataset", "data_dir", "manual_dir", "train_split", "eval_split", "test_split", "label_subset", "cache",
-        "shuffle_buffer", "augment", "tta", "deterministic", "feature_cache", "feature_cache_max_gb")),
+        "shuffle_buffer", "augment", "mixup", "cutmix", "tta", "deterministic", "feature_cache", "feature_cache_max_gb")),
     ("Optimisation", (
         "batch_size", "grad_accum_steps", "epochs", "steps_per_epoch", "early_stopping", "keep_best",
         "steps_per_loop", "optimizer", "learning_rate", "lr_schedule", "warmup_steps", "weight_decay",
-        "label_smoothing", "class_weight", "seed")),
+        "label_smoothing", "class_weight", "ema", "seed")),
     ("Devices (README: Throughput)", (
         "strategy", "tpu", "cpu_replicas", "precision", "jit_compile", "fused_batchnorm")),
     ("Checkpoints and faults (README: Reliability)", ("checkpoint_every", "keep_checkpoints", "loss_upper_bound")),
@@ -349,7 +367,7 @@ def validate(config):
             raise ConfigError(field.name, value, f"must be one of {', '.join(choices)}")
     if config.image_size is None:
         config = dataclasses.replace(config, image_size=BACKBONES[config.backbone].default_image_size)
-    positive = ["batch_size", "grad_accum_steps", "epochs", "steps_per_loop", "cpu_replicas", "keep_checkpoints",
+    positive = ["lora_rank", "batch_size", "grad_accum_steps", "epochs", "steps_per_loop", "cpu_replicas", "keep_checkpoints",
                 "learning_rate", "alpha", "image_size", "steps_per_epoch"]
     for name in positive:
         value = getattr(config, name)
@@ -374,6 +392,11 @@ def validate(config):
         raise ConfigError("grad_accum_steps", config.grad_accum_steps, f"must divide --batch_size={config.batch_size}")
     if not 0 <= config.label_smoothing < 1:
         raise ConfigError("label_smoothing", config.label_smoothing, "must be in [0, 1)")
+    for flag in ("mixup", "cutmix"):
+        if getattr(config, flag) < 0:
+            raise ConfigError(flag, getattr(config, flag), "must not be negative (0: off)")
+    if not 0 <= config.ema < 1:
+        raise ConfigError("ema", config.ema, "must be in [0, 1), e.g. 0.99 (0: off)")
     if config.weight_decay < 0:
         raise ConfigError("weight_decay", config.weight_decay, "must not be negative")
     if config.feature_cache_max_gb is not None and config.feature_cache_max_gb <= 0:
@@ -464,6 +487,8 @@ def for_mode(config, name, **changes):
     values = {"job": "train", "mode": mode.flag, "head_epochs": config.head_epochs if mode.head_first else 0}
     if mode.backbone_trains != modes.RULE:
         values.update(NO_RULE)
-    if not mode.pretrained:  # A discriminative rate slows a pretrained backbone; a random one needs the full rate.
+    # A discriminative rate slows a pretrained backbone's weights; a random backbone, or LoRA's new factors
+    # (the pretrained kernels stay fixed), need the full rate.
+    if not mode.pretrained or mode.backbone_trains == modes.ADAPTERS:
         values["backbone_lr_mult"] = 1.0
     return validate(dataclasses.replace(config, **{**values, **changes}))

@@ -49,9 +49,11 @@ def reason_not_to_cache(config):
     if config.feature_cache == "off":
         return "--feature_cache=off"
     if not modes.of_run(config.mode, config.head_epochs).feature_cache:
-        return f"--mode={config.mode} trains every layer"
+        return f"--mode={config.mode} trains the backbone's first layers"
     if config.augment != "none":
         return f"--augment={config.augment} changes the pixels every epoch, so every epoch needs the backbone"
+    if config.mixup or config.cutmix:
+        return "--mixup and --cutmix mix the images of every batch anew, so every epoch needs the backbone"
     if config.tta:
         return "--tta evaluates every image mirrored too, which the cache does not hold"
     return None

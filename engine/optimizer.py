@@ -1,6 +1,7 @@
-"""The optimizer of a run: Keras 3's own, its learning-rate schedule, weight decay and per-variable
-learning-rate multipliers (discriminative rates)."""
+"""The optimizer of a run: Keras 3's own, its learning-rate schedule, weight decay, per-variable
+learning-rate multipliers (discriminative rates) and the moving average of the weights (--ema)."""
 
+import contextlib
 import functools
 
 import keras
@@ -39,13 +40,14 @@ class PerUpdate(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def make_optimizer(*, name, learning_rate, weight_decay, precision, variables, lr_multipliers=None,
-                   gradient_accumulation_steps=1):
+                   gradient_accumulation_steps=1, ema=0.0):
     """A Keras 3 optimizer built over `variables`: every variable that will ever train in this run, so
     a staged run's later stages keep the optimizer state of earlier ones.
 
     Weight decay (if any) skips biases and BatchNorm parameters. `lr_multipliers` maps variables (by
     identity) to learning-rate multipliers, which scale their weight decay too (see
-    internals.scale_learning_rates). Call inside `strategy.scope()`, before any step is traced: a
+    internals.scale_learning_rates). `ema` > 0 keeps Keras' moving average of `variables` with that
+    decay, updated after every step (see `averaged_weights`). Call inside `strategy.scope()`, before any step is traced: a
     Keras 3 optimizer built lazily inside a replicated step fails.
     """
     classes = {
@@ -59,6 +61,7 @@ def make_optimizer(*, name, learning_rate, weight_decay, precision, variables, l
         weight_decay=weight_decay if (weight_decay or name == "adamw") else None,
         # Keras' own accumulation: an update every N steps with their mean gradient; its schedule counts updates.
         gradient_accumulation_steps=gradient_accumulation_steps if gradient_accumulation_steps > 1 else None,
+        use_ema=bool(ema), ema_momentum=ema or 0.99,
     )
     if weight_decay:
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
@@ -69,3 +72,33 @@ def make_optimizer(*, name, learning_rate, weight_decay, precision, variables, l
     if lr_multipliers and any(value != 1.0 for value in lr_multipliers.values()):
         internals.scale_learning_rates(inner, variables, lr_multipliers)
     return optimizer
+
+
+def _averages(optimizer, variables):
+    """(variable, its moving average) for each of `variables` the optimizer (if any) averages (--ema), else []."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # Inside a LossScaleOptimizer.
+    if inner is None or not inner.use_ema:
+        return []
+    return [(variable, inner._model_variables_moving_average[inner._get_variable_index(variable)])
+            for variable in variables]
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer, variables):
+    """Within it, `variables` hold their moving averages (with --ema; else unchanged); after it, their
+    own values again. Evaluation runs inside it, so it judges the weights that will be saved."""
+    pairs = _averages(optimizer, variables)
+    own = [variable.numpy() for variable, _ in pairs]
+    for variable, average in pairs:
+        variable.assign(average)
+    try:
+        yield
+    finally:
+        for (variable, _), value in zip(pairs, own):
+            variable.assign(value)
+
+
+def use_averaged_weights(optimizer, variables):
+    """Puts the moving averages (with --ema) into `variables` for good: what the run saves and tests."""
+    for variable, average in _averages(optimizer, variables):
+        variable.assign(average)

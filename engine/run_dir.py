@@ -29,13 +29,15 @@ from errors import ConfigError
 # Options that change what is in a checkpoint: a run dir holding another value of them is refused.
 IDENTITY = (
     "backbone", "alpha", "image_size", "dataset", "label_subset", "mode", "unfreeze", "unfreeze_from",
-    "trainable_regex", "bn", "optimizer",
+    "trainable_regex", "bn", "lora_rank", "optimizer",
     # These fix which examples make each step: a resumed run must keep them to continue where it was.
     "train_split", "batch_size", "grad_accum_steps", "steps_per_epoch",
     # The optimizer's checkpoint holds its learning rate: a resumed run would silently keep the old one.
     "learning_rate", "lr_schedule", "warmup_steps",
     # These define the loss: a resumed run with others would optimise something else from then on.
     "label_smoothing", "class_weight",
+    # The checkpoint holds the weights' moving averages only with it, and evaluation uses them.
+    "ema",
 )
 
 

@@ -18,27 +18,34 @@ import numpy as np
 import tensorflow as tf
 
 from engine.compiled_forward import CompiledForward
+from internals import quiet_native_info
+from engine.optimizer import averaged_weights
 from models import modes, trainability
 
 _SUM = tf.distribute.ReduceOp.SUM
 
 
-def per_example_loss(labels, logits, label_smoothing=0.0):
-    """Cross-entropy and correctness per example; one logit means binary (sigmoid), else softmax. With
-    `label_smoothing` eps the targets are (1 - eps) one-hot + eps / classes (Keras' convention: eps / 2
+def per_example_loss(labels, logits, label_smoothing=0.0, targets=None):
+    """Cross-entropy and correctness per example; one logit means binary (sigmoid), else softmax.
+
+    `targets`, if given, are the class probabilities the loss aims at instead of `labels` (MixUp and
+    CutMix's mixed labels, [examples, classes]); correctness is always against `labels`. With
+    `label_smoothing` eps the targets become (1 - eps) targets + eps / classes (Keras' convention: eps / 2
     for a sigmoid's two classes)."""
-    if logits.shape[-1] == 1:
-        targets = tf.cast(labels, logits.dtype)
-        if label_smoothing:
-            targets = targets * (1 - label_smoothing) + label_smoothing / 2
-        loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits[:, 0])
-    else:
-        if label_smoothing:
-            targets = tf.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-            targets = targets * (1 - label_smoothing) + label_smoothing / logits.shape[-1]
-            loss = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+    binary = logits.shape[-1] == 1
+    if targets is None and not label_smoothing:
+        if binary:
+            loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(labels, logits.dtype), logits=logits[:, 0])
         else:
             loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    else:
+        classes = 2 if binary else logits.shape[-1]
+        targets = tf.one_hot(labels, classes, dtype=logits.dtype) if targets is None else tf.cast(targets, logits.dtype)
+        targets = targets * (1 - label_smoothing) + label_smoothing / classes
+        if binary:
+            loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets[:, 1], logits=logits[:, 0])
+        else:
+            loss = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
     return loss, tf.cast(tf.equal(predicted_class(logits, labels.dtype), labels), tf.float32)
 
 
@@ -96,14 +103,22 @@ class Trainer:
             replica_step = tf.function(replica_step, jit_compile=True)
         self._replica_step = replica_step
         self.train_steps = tf.function(self._train_steps)
-        self.evaluate = tf.function(self._evaluate)
+        self._evaluate_traced = tf.function(self._evaluate)
 
-    def _replica_train_step(self, images, labels):
+    def evaluate(self, dataset):
+        """The sums of `_evaluate`, with the trained weights' moving averages in place (--ema). Evaluation
+        prints nothing of its own, so native chatter is held back meanwhile (internals.quiet_native_info)."""
+        with averaged_weights(self.optimizer, self.variables), quiet_native_info():
+            return self._evaluate_traced(dataset)
+
+    def _replica_train_step(self, images, labels, targets=None):
+        """One step on a replica's batch; `targets`: the batch's mixed labels (--mixup, --cutmix)."""
         with tf.GradientTape() as tape:
             logits = self.forward(images, training=True)
-            loss, correct = per_example_loss(labels, logits, self.label_smoothing)
-            if self.class_weights is not None:
-                loss *= tf.gather(self.class_weights, labels)
+            loss, correct = per_example_loss(labels, logits, self.label_smoothing, targets)
+            if self.class_weights is not None:  # Of a mixed example: its classes' weights, mixed alike.
+                loss *= (tf.gather(self.class_weights, labels) if targets is None
+                         else tf.linalg.matvec(tf.cast(targets, tf.float32), self.class_weights))
             objective = tf.nn.compute_average_loss(loss, global_batch_size=self.global_batch_size)
             if self.model.losses:
                 objective += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
@@ -118,8 +133,8 @@ class Trainer:
         totals = tf.zeros([3], tf.float64)
         with self.forward.fusing():
             for _ in tf.range(num_steps):
-                images, labels = next(iterator)
-                per_replica = self.strategy.run(self._replica_step, args=(images, labels))
+                batch = next(iterator)  # (images, labels), and the mixed labels with --mixup, --cutmix.
+                per_replica = self.strategy.run(self._replica_step, args=tuple(batch))
                 totals += self.strategy.reduce(_SUM, per_replica, axis=None)
         return totals
 
@@ -178,7 +193,7 @@ class Stages:
         self.run_mode = modes.of_run(config.mode, config.head_epochs)
         self.head_epochs = config.head_epochs
         self.rule = trainability.Rule.from_config(config)
-        self.bn = config.bn
+        self.bn, self.lora_rank = config.bn, config.lora_rank
         self.optimizer, self.devices, self.batch_size = run.optimizer, run.devices, config.step_batch
         self.label_smoothing, self.tta = config.label_smoothing, config.tta
         self.class_weights = None
@@ -193,7 +208,8 @@ class Stages:
     def __call__(self, epoch):
         mode = self.run_mode.stage(epoch, self.head_epochs)
         if mode is not self.mode:
-            variables = trainability.apply(self.model, mode=mode.name, rule=self.rule, bn=self.bn)
+            variables = trainability.apply(self.model, mode=mode.name, rule=self.rule, bn=self.bn,
+                                           lora_rank=self.lora_rank)
             if self.mode is not None:
                 logging.info("Stage %s from epoch %d: %d variables train", mode.name, epoch + 1, len(variables))
             devices = self.devices

@@ -8,6 +8,7 @@ import time
 from absl import logging
 
 from engine import assembly, confusion, feature_cache, loop
+from engine.optimizer import use_averaged_weights
 from engine.run_dir import RunDir, replace_atomic
 from engine.trainer import Stages, summarize
 from models import trainability
@@ -74,6 +75,13 @@ def _train(config, run, run_dir, started, progress_label):
             "evaluation will lag training (%s)", slow, round(1 / (1 - slow)), total_steps,
             f"consider --bn_momentum={settling:g} or lower" if settling else "too few steps for any momentum to settle",
         )
+    if config.ema and total_steps < trainability.SETTLING_HORIZONS / (1 - config.ema):  # The same averaging.
+        settling = trainability.settling_momentum(total_steps)
+        logging.warning(
+            "--ema=%g averages the weights over ~%d steps, but this run has %d: the averages will lag the "
+            "training (%s)", config.ema, round(1 / (1 - config.ema)), total_steps,
+            f"consider --ema={settling:g} or lower" if settling else "too few steps for any decay to settle",
+        )
 
     before = trainability.snapshot(run.model)
     history = [record["eval_accuracy"] for record in run_dir.metrics()]
@@ -94,6 +102,8 @@ def _train(config, run, run_dir, started, progress_label):
         last = next(record for record in run_dir.metrics() if record["global_step"] == best_step)
         logging.info("Keeping the best epoch, %d of %d (eval accuracy %.4f): model.keras, backbone.weights.h5 "
                      "and the test come from it", last["epoch"], run.epochs_done, last["eval_accuracy"])
+    if config.ema:  # What the run saves and tests: the moving averages of the weights it trained.
+        use_averaged_weights(run.optimizer, run.trained_variables)
     test = evaluate_split(run, stages(run.epochs_done - 1), splits["test"])
 
     replace_atomic(run_dir.file("model.keras"), run.model.save)

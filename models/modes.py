@@ -1,6 +1,7 @@
-"""The table of modes: what scratch, frozen, finetune and staged mean, in one place.
+"""The table of modes: what scratch, frozen, finetune, staged and lora mean, in one place.
 
-A row says which weights the backbone starts from, which of its variables train, whether its
+A row says which weights the backbone starts from, which of its variables train (lora: none of them,
+but low-rank factors Keras adds to its Conv2D and Dense layers, `layer.enable_lora`), whether its
 BatchNorm layers train, whether the run is staged, and whether the feature cache applies. `--mode`
 names scratch, frozen or finetune; staged is `--mode=finetune --head_epochs=K`: K epochs in the frozen
 mode (the head alone), then finetune. Config validation, the trainability resolver, the stage
@@ -14,6 +15,7 @@ import dataclasses
 ALL = "all"
 NONE = "none"
 RULE = "rule"  # The variables exactly one of --unfreeze, --unfreeze_from, --trainable_regex selects.
+ADAPTERS = "adapters"  # None of its own: LoRA factors of rank --lora_rank beside its Conv2D and Dense kernels.
 # Whether the backbone's BatchNorm layers train (in training mode, updating their statistics).
 ALWAYS = "always"
 NEVER = "never"
@@ -25,7 +27,7 @@ class Mode:
     name: str
     flag: str  # The --mode value of its runs.
     pretrained: bool  # The backbone starts from --weights; otherwise from random weights (--weights unused).
-    backbone_trains: str  # ALL, NONE or RULE.
+    backbone_trains: str  # ALL, NONE, RULE or ADAPTERS.
     batchnorm_trains: str  # ALWAYS, NEVER or BY_FLAG.
     head_first: bool = False  # Staged: the frozen mode for the first --head_epochs epochs.
     # The layers below the lowest one that trains never change and, without augmentation, neither do
@@ -47,6 +49,7 @@ MODES = {
              feature_cache=True),
         Mode("staged", "finetune", pretrained=True, backbone_trains=RULE, batchnorm_trains=BY_FLAG,
              head_first=True, feature_cache=True),
+        Mode("lora", "lora", pretrained=True, backbone_trains=ADAPTERS, batchnorm_trains=NEVER),
     )
 }
 FLAG_VALUES = tuple(dict.fromkeys(mode.flag for mode in MODES.values()))  # What --mode accepts.

@@ -43,11 +43,12 @@ def weighted_layers(backbone):
     return [layer for layer in backbone.layers if layer.weights]
 
 
-def apply(model, *, mode, rule=Rule(), bn="frozen", bn_momentum=None):
+def apply(model, *, mode, rule=Rule(), bn="frozen", bn_momentum=None, lora_rank=None):
     """Sets `trainable` on every layer and returns the variables that train, head first.
 
     `mode` names a row of models/modes.py, which says what trains of the backbone: all of it
-    (scratch), none (frozen: the head alone), or the variables the rule selects (finetune). Its
+    (scratch), none (frozen: the head alone), the variables the rule selects (finetune), or LoRA
+    factors of rank `lora_rank` beside its kernels (lora; added once, by the first call). Its
     BatchNorm layers train always (scratch), never, or per `bn`: with "frozen" every backbone BatchNorm
     stays in inference mode with fixed parameters and statistics (the Keras transfer-learning guide's
     advice), with "train" BatchNorm layers the rule selects train and update their statistics.
@@ -67,6 +68,8 @@ def apply(model, *, mode, rule=Rule(), bn="frozen", bn_momentum=None):
         selected = backbone.trainable_weights
     elif entry.backbone_trains == modes.NONE:
         selected = []
+    elif entry.backbone_trains == modes.ADAPTERS:
+        selected = _adapters(backbone, lora_rank)
     else:
         selected = _select(backbone, rule)
     selected = {id(weight) for weight in selected}
@@ -79,6 +82,23 @@ def apply(model, *, mode, rule=Rule(), bn="frozen", bn_momentum=None):
         layer.trainable = chosen
     head = [weight for layer in model.layers if layer is not backbone for weight in layer.trainable_weights]
     return head + [weight for weight in backbone.trainable_weights if id(weight) in selected]
+
+
+def adaptable(backbone):
+    """The backbone's layers that take LoRA factors: Keras' Conv2D and Dense (depthwise convolutions do not)."""
+    return [layer for layer in backbone.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
+
+
+def _adapters(backbone, rank):
+    """The LoRA factors of the backbone's Conv2D and Dense layers, enabled with `rank` where not yet:
+    Keras freezes each base kernel and trains kernel + (alpha / rank) A B instead, A He-initialised and B
+    zero, so training starts from the pretrained function. Saving merges the factors into the kernel."""
+    factors = []
+    for layer in adaptable(backbone):
+        if not layer.lora_enabled:
+            layer.enable_lora(rank)
+        factors += [layer.lora_kernel_a, layer.lora_kernel_b]
+    return factors
 
 
 def _select(backbone, rule):

@@ -11,7 +11,7 @@ from errors import ConfigError
 from helpers import launch, tiny_flags
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MODES = ["scratch", "frozen", "finetune", "staged"]
+MODES = ["scratch", "frozen", "finetune", "staged", "lora"]
 
 
 def _row(table, mode):
@@ -35,13 +35,15 @@ def test_compare_trains_every_mode_in_its_own_dir_and_tabulates_them(tiny, pretr
         assert [point["epoch"] for point in report["modes"][mode]["curves"]] == [1, 2], mode
         assert results[mode]["trainability_audit"]["frozen_changed"] == 0, mode
     # Each mode really is that mode, with the rest of the flags unchanged.
-    assert [results[mode]["mode"] for mode in MODES] == ["scratch", "frozen", "finetune", "finetune"]
+    assert [results[mode]["mode"] for mode in MODES] == ["scratch", "frozen", "finetune", "finetune", "lora"]
     flags = {mode: (tmp_path / mode / "flags.txt").read_text() for mode in MODES}
     assert "--head_epochs=1" in flags["staged"] and "--head_epochs=0" in flags["finetune"]
     assert "--backbone_lr_mult=1.0" in flags["scratch"] and "--backbone_lr_mult=0.5" in flags["finetune"]
+    assert "--backbone_lr_mult=1.0" in flags["lora"]  # New factors: the full rate.
     assert all(f"--seed={config.seed}" in text for text in flags.values())
     trainable = {mode: results[mode]["trainable_params"] for mode in MODES}
     assert trainable["frozen"] < trainable["finetune"] == trainable["staged"] < trainable["scratch"]
+    assert trainable["frozen"] < trainable["lora"] < trainable["scratch"]
     # Per-class test accuracy, for the three classes of the task.
     assert "| mode | Shirt | T-shirt/top | Pullover |" in table
     assert "Test accuracy against scratch: frozen " in table
@@ -79,14 +81,14 @@ def test_a_failing_mode_is_reported_and_the_others_still_run(tiny, tmp_path):
 
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: compare: frozen, finetune failed; the table is in {tmp_path}/compare/compare.md"
+        f"error: compare: frozen, finetune, lora failed; the table is in {tmp_path}/compare/compare.md"
     )
     assert "Traceback" not in result.stderr
-    assert "Compare: mode 2 of 3: frozen" in result.stderr  # Progress says which mode of how many.
-    assert "[1/3 scratch] epoch 1/1" in result.stderr
+    assert "Compare: mode 2 of 4: frozen" in result.stderr  # Progress says which mode of how many.
+    assert "[1/4 scratch] epoch 1/1" in result.stderr
     table = (tmp_path / "compare" / "compare.md").read_text()
     assert _row(table, "scratch").startswith("| scratch | done | ")
-    for mode in ("frozen", "finetune"):
+    for mode in ("frozen", "finetune", "lora"):
         assert _row(table, mode).startswith(f"| {mode} | failed: --weights={broken}: "), _row(table, mode)
     assert (tmp_path / "compare" / "scratch" / "results.json").exists()
     assert (tmp_path / "compare" / "compare.png").exists()

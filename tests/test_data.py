@@ -151,7 +151,8 @@ def test_evaluation_sees_every_example_exactly_once(subset, strategy_fn, global_
     assert sorted(seen) == sorted(expected), "evaluation lost or duplicated examples"
 
 
-def _epochs(examples, *, count, first_epoch=0, augmentation="none", shuffle_buffer=pipeline.SHUFFLE_BUFFER):
+def _epochs(examples, *, count, first_epoch=0, augmentation=pipeline.Augmentation(),
+            shuffle_buffer=pipeline.SHUFFLE_BUFFER):
     steps = pipeline.epoch_steps(examples, 8)
     dataset = pipeline.train_dataset(
         examples, batch_size=8, batches_per_epoch=steps, seed=3, epochs=first_epoch + count,
@@ -203,24 +204,48 @@ def test_augmentation_runs_after_the_cache(subset):
         pipeline.decode = original
     assert int(decoded.numpy()) == examples.count
     # A buffer of 1 keeps the cache order, so epoch 1's images are epoch 0's, augmented anew.
-    first, second = _epochs(examples, count=2, augmentation="flip_crop", shuffle_buffer=1)
+    first, second = _epochs(examples, count=2, augmentation=pipeline.Augmentation("flip_crop"), shuffle_buffer=1)
     assert int(decoded.numpy()) == examples.count, "training decoded again: augmentation is not after the cache"
     cached = np.stack([image for image, _ in examples.dataset.as_numpy_iterator()])[: len(first) * 8]
     augmented = [np.concatenate([images for images, _ in epoch]) for epoch in (first, second)]
     assert not np.array_equal(augmented[0], augmented[1]), "both epochs got the same augmentation"
     assert not np.array_equal(augmented[0], cached)
-    again, _ = _epochs(examples, count=2, augmentation="flip_crop", shuffle_buffer=1)
+    again, _ = _epochs(examples, count=2, augmentation=pipeline.Augmentation("flip_crop"), shuffle_buffer=1)
     np.testing.assert_array_equal(np.concatenate([images for images, _ in again]), augmented[0])
 
 
 def test_augment_flips_and_crops_within_the_padded_image():
     image = tf.reshape(tf.range(64 * 3, dtype=tf.int32) % 256, [8, 8, 3])
     image = tf.cast(image, tf.uint8)
-    outputs = {_digest(pipeline.augment(image, tf.constant([1, i], tf.int64), "flip").numpy()) for i in range(20)}
+    outputs = {_digest(pipeline.Augmentation("flip").example(image, tf.constant([1, i], tf.int64)).numpy()) for i in range(20)}
     assert outputs == {_digest(image.numpy()), _digest(image.numpy()[:, ::-1])}
-    cropped = [pipeline.augment(image, tf.constant([2, i], tf.int64), "flip_crop") for i in range(20)]
+    cropped = [pipeline.Augmentation("flip_crop").example(image, tf.constant([2, i], tf.int64)) for i in range(20)]
     assert all(c.shape == (8, 8, 3) for c in cropped)
     assert len({_digest(c.numpy()) for c in cropped}) > 2
+
+
+def test_randaugment_and_mixing_are_pure_functions_of_the_seed_and_epoch(subset):
+    """RandAugment changes the pixels; MixUp and CutMix mix each batch with soft labels that sum to 1 and
+    keep the unmixed labels in the stream's order; a resumed epoch sees exactly the same batches."""
+    examples = pipeline.prepare(subset.split("test[:48]", "train_split"), image_size=32)
+    (plain,) = _epochs(examples, count=1, first_epoch=1, shuffle_buffer=1)
+    for augmentation in (pipeline.Augmentation("randaugment"), pipeline.Augmentation(mixup=0.4, num_classes=3),
+                         pipeline.Augmentation("flip", mixup=0.4, cutmix=1.0, num_classes=3)):
+        first, second = _epochs(examples, count=2, augmentation=augmentation, shuffle_buffer=1)
+        (resumed,) = _epochs(examples, count=1, first_epoch=1, augmentation=augmentation, shuffle_buffer=1)
+        for a, b in zip(second, resumed):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+        images = np.concatenate([batch[0] for batch in second])
+        assert images.dtype == np.uint8 and not np.array_equal(images, np.concatenate([b[0] for b in plain]))
+        np.testing.assert_array_equal(np.concatenate([b[1] for b in second]), np.concatenate([b[1] for b in plain]))
+        if augmentation.mixers:
+            soft = np.concatenate([batch[2] for batch in second])
+            np.testing.assert_allclose(soft.sum(axis=1), 1, rtol=1e-6)
+            assert 0 < np.mean(soft.max(axis=1) < 1), "no batch was mixed"
+        else:
+            assert len(second[0]) == 2
+        assert not np.array_equal(images, np.concatenate([batch[0] for batch in first]))
 
 
 def test_file_cache_is_written_once_and_reused(subset, tmp_path):

@@ -61,7 +61,9 @@ def test_augmentation_turns_the_cache_off_and_says_why(tiny, pretrained_run, tmp
     assert "changes the pixels every epoch" in feature_cache.reason_not_to_cache(config)
     assert feature_cache.reason_not_to_cache(replace(config, augment="none")) is None
     assert feature_cache.reason_not_to_cache(replace(config, augment="none", mode="finetune", unfreeze=2)) is None
-    assert "trains every layer" in feature_cache.reason_not_to_cache(replace(config, mode="scratch"))
+    assert "mix the images of every batch" in feature_cache.reason_not_to_cache(replace(config, augment="none", mixup=0.2))
+    assert "trains the backbone's first layers" in feature_cache.reason_not_to_cache(replace(config, mode="scratch"))
+    assert "trains the backbone's first layers" in feature_cache.reason_not_to_cache(replace(config, mode="lora"))
     assert train_run(config, tmp_path)["feature_cache"] is None
 
 

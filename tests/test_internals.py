@@ -163,6 +163,11 @@ def test_native_info_lines_are_held_back_and_everything_else_is_written(capfd):
         os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
         os.write(2, b"fully_quantize: 0, inference_type: 6, input_inference_type: UINT8\n")
         os.write(2, b"ERROR: a native error a user must see\n")
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
+        os.write(2, b"E0000 00:00:1796043766.515896   20853 node_def_util.cc:682] NodeDef mentions attribute "
+                    b"use_unbounded_threadpool which is not in the op definition: Op<name=MapDataset; signature=...\n")
+        os.write(2, b"E0000 00:00:1796043766.515896   20853 other.cc:1] another native error\n")
         os.write(1, b"INFO: on stdout too\nprinted\n")
     out, err = capfd.readouterr()
-    assert (out, err) == ("printed\n", "ERROR: a native error a user must see\n")
+    assert (out, err) == ("printed\n", "ERROR: a native error a user must see\n"
+                                        "E0000 00:00:1796043766.515896   20853 other.cc:1] another native error\n")

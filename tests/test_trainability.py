@@ -237,3 +237,44 @@ def test_weight_decay_skips_biases_and_batchnorm():
     optimizer.apply([tf.zeros_like(w) for w in variables], variables)  # Only decay can move anything.
     moved = sorted(w.path for w in variables if not np.array_equal(before[w.path], w.numpy()))
     assert moved == ["block1_conv/kernel", "block2_conv/kernel", "block3_conv/kernel", "logits/kernel"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_lora_trains_low_rank_factors_only_and_model_keras_predicts_as_the_trained_model(
+        tiny, pretrained_run, tmp_path, replicas):
+    from data import pipeline
+    from helpers import replace
+
+    start = os.path.join(pretrained_run, "backbone.weights.h5")
+    config = tiny(mode="lora", lora_rank=2, weights=start, cpu_replicas=replicas, steps_per_epoch=4,
+                  learning_rate=0.01)
+    results = train_run(config, tmp_path)
+    audit = results["trainability_audit"]
+    assert audit["frozen_changed"] == 0, audit["frozen_changed_paths"]
+    assert audit["trainable_changed"] == audit["trainable_variables"] > 0
+    run = assembly.build(replace(config, model_dir=str(tmp_path)), pretrained=False)
+    run.checkpoints.restore()
+    backbone = run.model.get_layer(BACKBONE_LAYER)
+    layers = trainability.adaptable(backbone)
+    assert layers and all(layer.lora_enabled for layer in layers)
+    backbone_ids = {id(weight) for weight in backbone.weights}
+    assert sorted(v.path for v in run.trained_variables if id(v) in backbone_ids) == sorted(
+        f"{layer.name}/lora_kernel_{ab}" for layer in layers for ab in "ab")
+    # Fewer parameters than fine-tuning the whole backbone; the base kernels and biases as pretrained, bitwise.
+    everything = sum(int(np.prod(w.shape)) for w in run.model.weights if not w.path.endswith(MOVING + ("_a", "_b")))
+    assert results["trainable_params"] < everything
+    pretrained = load_weights_file(start)
+    for layer in layers:
+        np.testing.assert_array_equal(layer._kernel.numpy(), pretrained[f"{layer.name}/kernel"])
+        if layer.use_bias:
+            np.testing.assert_array_equal(layer.bias.numpy(), pretrained[f"{layer.name}/bias"])
+    # model.keras loads in plain Keras with the factors merged, and predicts as the trained model does.
+    saved = keras.saving.load_model(str(tmp_path / "model.keras"))
+    images = next(iter(pipeline.decoded(run.splits["test"].split, image_size=32).batch(50)))[0]
+    np.testing.assert_allclose(saved.predict(images, verbose=0), run.model(images, training=False), rtol=1e-5, atol=1e-6)
+    # backbone.weights.h5 holds the merged kernels and loads into a backbone without factors.
+    merged = load_weights_file(str(tmp_path / "backbone.weights.h5"))
+    for layer in layers:
+        np.testing.assert_allclose(merged[f"{layer.name}/kernel"], layer.kernel.numpy(), rtol=1e-6)
+    assert any(not np.array_equal(merged[f"{layer.name}/kernel"], pretrained[f"{layer.name}/kernel"]) for layer in layers)

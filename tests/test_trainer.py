@@ -62,6 +62,22 @@ def test_label_smoothing_moves_the_loss_as_keras_smoothed_losses_do(eps):
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
+def test_mixed_labels_are_the_losses_targets_and_accuracy_counts_the_unmixed_labels():
+    labels = np.array([0, 2, 1])
+    targets = np.array([[0.7, 0.0, 0.3], [0.0, 0.4, 0.6], [0.0, 1.0, 0.0]], "float32")
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, 3.0, 0.0]], "float32")
+    for eps in (0.0, 0.2):
+        loss, correct = per_example_loss(labels, logits, eps, targets)
+        expected = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=eps, reduction=None)
+        np.testing.assert_allclose(loss, expected(targets, logits), rtol=1e-6)
+        np.testing.assert_array_equal(correct, [1, 1, 1])
+    binary_targets = np.array([[0.2, 0.8], [1.0, 0.0]], "float32")
+    loss, correct = per_example_loss(np.array([1, 1]), np.array([[0.3], [-2.0]], "float32"), 0.0, binary_targets)
+    expected = keras.losses.binary_crossentropy(binary_targets[:, 1:], np.array([[0.3], [-2.0]]), from_logits=True)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    np.testing.assert_array_equal(correct, [1, 0])
+
+
 def test_balanced_class_weights_are_inverse_frequency_with_mean_one():
     np.testing.assert_allclose(balanced_class_weights([10, 30]), [1.5, 0.5])
     np.testing.assert_allclose(balanced_class_weights([364, 364, 364]), [1, 1, 1])
@@ -69,10 +85,12 @@ def test_balanced_class_weights_are_inverse_frequency_with_mean_one():
     assert weights.mean() == pytest.approx(1) and weights[0] == pytest.approx(100 * weights[2])
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["labels", "mixed labels"])
 @pytest.mark.parametrize("strategy", [default_strategy, two_devices], ids=["1 replica", "2 replicas"])
-def test_class_weights_and_smoothing_make_the_step_that_of_the_weighted_smoothed_mean_loss(strategy):
+def test_class_weights_and_smoothing_make_the_step_that_of_the_weighted_smoothed_mean_loss(strategy, mixed):
     """One SGD step of the engine equals lr x the gradient of mean(weight[label] x smoothed loss) over the
-    global batch, computed here with a plain GradientTape, for 1 and 2 replicas."""
+    global batch, computed here with a plain GradientTape, for 1 and 2 replicas; with mixed labels
+    (--mixup, --cutmix) the loss aims at them and an example's weight is its classes' weights mixed alike."""
     strategy = strategy()
     keras.utils.set_random_seed(3)
     with strategy.scope():
@@ -81,16 +99,18 @@ def test_class_weights_and_smoothing_make_the_step_that_of_the_weighted_smoothed
     rng = np.random.default_rng(4)
     images, labels = rng.integers(0, 256, (8, 8, 8, 1)).astype("uint8"), np.array([0, 0, 0, 0, 0, 1, 1, 2])
     weights, eps, lr = balanced_class_weights([5, 2, 1]), 0.2, 0.1
+    targets = rng.dirichlet([0.5] * 3, 8).astype("float32") if mixed else None
     with tf.GradientTape() as tape:
-        loss, _ = per_example_loss(tf.constant(labels), model(images, training=True), eps)
-        objective = tf.reduce_mean(loss * tf.gather(weights, labels))
+        loss, _ = per_example_loss(tf.constant(labels), model(images, training=True), eps, targets)
+        objective = tf.reduce_mean(loss * (targets @ weights if mixed else tf.gather(weights, labels)))
     expected = [w.numpy() - lr * g.numpy() for w, g in zip(variables, tape.gradient(objective, variables))]
     with strategy.scope():  # SGD's momentum starts at 0: its first step is lr x the gradient.
         optimizer = make_optimizer(name="sgd", learning_rate=lr, weight_decay=0.0, precision="float32",
                                    variables=variables)
     trainer = Trainer(model=model, optimizer=optimizer, strategy=strategy, global_batch_size=8, variables=variables,
                       label_smoothing=eps, class_weights=weights)
-    data = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((images, labels)).repeat())
+    batch = (images, labels, targets) if mixed else (images, labels)
+    data = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat())
     sums = trainer.train_steps(iter(data), tf.constant(1)).numpy()
     assert sums[0] == pytest.approx(float(objective) * 8, rel=1e-5)  # The reported loss is the objective.
     for variable, value in zip(variables, expected):
@@ -277,3 +297,67 @@ def test_balanced_class_weights_raise_the_minority_class_accuracy(tiny, tmp_path
     assert "Class weights (balanced, from the train split's 40/400 examples per class): shirt 1.818, tshirt 0.182" in caplog.text
     assert accuracy["balanced"]["shirt"] > accuracy["none"]["shirt"] + 0.1, accuracy
     assert accuracy["balanced"]["tshirt"] < accuracy["none"]["tshirt"], accuracy  # The price: the majority's.
+
+
+@pytest.mark.parametrize("strategy", [default_strategy, two_devices], ids=["1", "2"])
+def test_ema_evaluates_with_the_moving_averages_and_then_restores_the_trained_weights(strategy):
+    strategy = strategy()
+    with strategy.scope():
+        inputs = keras.Input((4,))
+        model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+        optimizer = make_optimizer(name="sgd", learning_rate=0.1, weight_decay=0.0, precision="float32",
+                                   variables=model.trainable_variables, ema=0.5)
+    trainer = Trainer(model=model, optimizer=optimizer, strategy=strategy, global_batch_size=4,
+                      variables=model.trainable_variables)
+    images = np.random.default_rng(0).normal(size=[8, 4]).astype("float32")
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    train = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((images, labels)).batch(4))
+    values = [[w.numpy() for w in model.trainable_variables]]
+    iterator = iter(train)
+    for _ in range(2):
+        trainer.train_steps(iterator, tf.constant(1))
+        values.append([w.numpy() for w in model.trainable_variables])
+    # Keras' EMA: the first update's weights, then 0.5 x average + 0.5 x the second update's.
+    averages = [0.5 * first + 0.5 * second for first, second in zip(values[1], values[2])]
+    evaluation = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((images, labels, np.ones(8, "float32"))).batch(4))
+    loss = summarize(trainer.evaluate(evaluation))["loss"]
+    for weight, value in zip(model.trainable_variables, averages):
+        weight.assign(value)
+    expected = keras.losses.sparse_categorical_crossentropy(labels, model(images), from_logits=True)
+    np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
+    for weight, value in zip(model.trainable_variables, values[2]):
+        weight.assign(value)
+    with strategy.scope():  # Evaluation left the trained weights, not the averages, in place.
+        trainer.evaluate(evaluation)
+    for weight, value in zip(model.trainable_variables, values[2]):
+        np.testing.assert_array_equal(weight.numpy(), value)
+    assert not np.allclose(values[1][0], values[2][0])
+
+
+@pytest.mark.slow
+def test_ema_run_saves_and_tests_the_averaged_weights_and_leaves_frozen_weights_alone(tiny, pretrained_run, tmp_path):
+    config = tiny(mode="finetune", weights=pretrained_run, unfreeze=2, ema=0.9, epochs=2, steps_per_epoch=5,
+                  feature_cache="off")
+    results = train_run(config, tmp_path / "run")
+    assert results["trainability_audit"]["frozen_changed"] == 0
+    run = assembly.build(replace(config, model_dir=str(tmp_path / "run")), pretrained=False)
+    run.checkpoints.restore()
+    saved = keras.saving.load_model(str(tmp_path / "run" / "model.keras"))
+    saved_by_path = {weight.path: weight.numpy() for weight in saved.weights}
+    inner = run.optimizer
+    for variable in run.trained_variables:  # model.keras holds each trained weight's average, not its value.
+        average = inner._model_variables_moving_average[inner._get_variable_index(variable)].numpy()
+        np.testing.assert_array_equal(saved_by_path[variable.path], average)
+        assert not np.array_equal(average, variable.numpy()), variable.path
+    trained = {id(variable) for variable in run.trained_variables}
+    for variable in run.model.weights:  # Frozen weights are not averaged: saved as they are.
+        if id(variable) not in trained and not variable.path.endswith(("moving_mean", "moving_variance")):
+            np.testing.assert_array_equal(saved_by_path[variable.path], variable.numpy())
+    # The reported test is the saved model's.
+    from engine.training import evaluate_split
+    for weight in run.model.weights:
+        weight.assign(saved_by_path[weight.path])
+    plain = Trainer(model=run.model, optimizer=keras.optimizers.SGD(), strategy=run.devices.strategy,
+                    global_batch_size=8, variables=[])
+    assert evaluate_split(run, plain, run.splits["test"])["accuracy"] == results["test_accuracy"]

@@ -229,6 +229,7 @@ def test_randaugment_and_mixing_are_pure_functions_of_the_seed_and_epoch(subset)
     keep the unmixed labels in the stream's order; a resumed epoch sees exactly the same batches."""
     examples = pipeline.prepare(subset.split("test[:48]", "train_split"), image_size=32)
     (plain,) = _epochs(examples, count=1, first_epoch=1, shuffle_buffer=1)
+    (flipped,) = _epochs(examples, count=1, first_epoch=1, augmentation=pipeline.Augmentation("flip"), shuffle_buffer=1)
     for augmentation in (pipeline.Augmentation("randaugment"), pipeline.Augmentation(mixup=0.4, num_classes=3),
                          pipeline.Augmentation("flip", mixup=0.4, cutmix=1.0, num_classes=3)):
         first, second = _epochs(examples, count=2, augmentation=augmentation, shuffle_buffer=1)
@@ -243,8 +244,9 @@ def test_randaugment_and_mixing_are_pure_functions_of_the_seed_and_epoch(subset)
             soft = np.concatenate([batch[2] for batch in second])
             np.testing.assert_allclose(soft.sum(axis=1), 1, rtol=1e-6)
             assert 0 < np.mean(soft.max(axis=1) < 1), "no batch was mixed"
-        else:
+        else:  # RandAugment: more than the flip it starts with.
             assert len(second[0]) == 2
+            assert not np.array_equal(images, np.concatenate([b[0] for b in flipped]))
         assert not np.array_equal(images, np.concatenate([batch[0] for batch in first]))
 
 

@@ -231,6 +231,7 @@ def test_randaugment_and_mixing_are_pure_functions_of_the_seed_and_epoch(subset)
     (plain,) = _epochs(examples, count=1, first_epoch=1, shuffle_buffer=1)
     (flipped,) = _epochs(examples, count=1, first_epoch=1, augmentation=pipeline.Augmentation("flip"), shuffle_buffer=1)
     for augmentation in (pipeline.Augmentation("randaugment"), pipeline.Augmentation(mixup=0.4, num_classes=3),
+                         pipeline.Augmentation(cutmix=1.0, num_classes=3),
                          pipeline.Augmentation("flip", mixup=0.4, cutmix=1.0, num_classes=3)):
         first, second = _epochs(examples, count=2, augmentation=augmentation, shuffle_buffer=1)
         (resumed,) = _epochs(examples, count=1, first_epoch=1, augmentation=augmentation, shuffle_buffer=1)

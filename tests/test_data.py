@@ -244,7 +244,8 @@ def test_randaugment_and_mixing_are_pure_functions_of_the_seed_and_epoch(subset)
         if augmentation.mixers:
             soft = np.concatenate([batch[2] for batch in second])
             np.testing.assert_allclose(soft.sum(axis=1), 1, rtol=1e-6)
-            assert 0 < np.mean(soft.max(axis=1) < 1), "no batch was mixed"
+            # Mixed with a real share of another class (pairs of one class stay one-hot), not a sliver of it.
+            assert np.mean(soft.max(axis=1) < 0.95) > 0.2, soft
         else:  # RandAugment: more than the flip it starts with.
             assert len(second[0]) == 2
             assert not np.array_equal(images, np.concatenate([b[0] for b in flipped]))

@@ -89,8 +89,7 @@ def averaged_weights(optimizer, variables):
     own values again. Evaluation runs inside it, so it judges the weights that will be saved."""
     pairs = _averages(optimizer, variables)
     own = [variable.numpy() for variable, _ in pairs]
-    for variable, average in pairs:
-        variable.assign(average)
+    use_averaged_weights(optimizer, variables)
     try:
         yield
     finally:

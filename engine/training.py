@@ -75,7 +75,7 @@ def _train(config, run, run_dir, started, progress_label):
             "evaluation will lag training (%s)", slow, round(1 / (1 - slow)), total_steps,
             f"consider --bn_momentum={settling:g} or lower" if settling else "too few steps for any momentum to settle",
         )
-    if config.ema and total_steps < trainability.SETTLING_HORIZONS / (1 - config.ema):  # The same averaging.
+    if config.ema and not trainability.settles(config.ema, total_steps):
         settling = trainability.settling_momentum(total_steps)
         logging.warning(
             "--ema=%g averages the weights over ~%d steps, but this run has %d: the averages will lag the "

@@ -195,8 +195,14 @@ def slow_batchnorm_momentum(model, total_steps):
     """The momentum of BatchNorm layers that train, if their moving statistics (an average over about
     1/(1-momentum) steps) cannot settle within the run; else None."""
     momenta = [layer.momentum for layer in all_layers(model) if isinstance(layer, BN) and layer.trainable]
-    slow = [momentum for momentum in momenta if total_steps < SETTLING_HORIZONS / (1 - momentum)]
+    slow = [momentum for momentum in momenta if not settles(momentum, total_steps)]
     return max(slow) if slow else None
+
+
+def settles(momentum, total_steps):
+    """Whether a moving average with this momentum (BatchNorm statistics, --ema's weights) settles within
+    `total_steps` updates."""
+    return total_steps >= SETTLING_HORIZONS / (1 - momentum)
 
 
 def settling_momentum(total_steps):

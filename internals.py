@@ -11,22 +11,83 @@ installed versions.
 import contextlib
 import errno
 import os
+import platform
 import re
 import sys
 import tempfile
 import urllib.error
 
-import keras
-import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
-from tensorflow.python.framework import ops as tf_ops  # Per-op FLOP counts: no public API has them.
-from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+# --- TensorFlow's process defaults, read once when its native library loads --------------------------
+# Import this module before TensorFlow (launch.py and the tests do); a variable the user set wins.
+# - TF_CPP_MIN_LOG_LEVEL=2 keeps TensorFlow's C++ start-up chatter out.
+# - TF_ENABLE_ONEDNN_OPTS=1 on x86-64: TensorFlow's pip build turns its oneDNN CPU kernels on by default
+#   only on CPUs with AVX-512 VNNI/BF16 or AMX and uses Eigen's elsewhere; on this AVX2 CPU, oneDNN made
+#   the scratch training step 1.8x faster, its BatchNorm kernels most of all (README.md, *Throughput*).
+#   TF_ENABLE_ONEDNN_OPTS=0 gives Eigen's kernels back.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if platform.machine().lower() in ("x86_64", "amd64"):
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-from errors import UnsupportedLibrary, first_line
+
+NATIVE_CHATTER = re.compile(
+    r"(INFO: |fully_quantize: )"  # LiteRT's and its converter's INFO lines.
+    # TensorFlow's load says so at INFO level, whatever TF_CPP_MIN_LOG_LEVEL says.
+    r"|I0000 .*oneDNN custom operations are on"
+    # tf.data's rewrite of a parallel map into a sequential one under op determinism copies an attribute
+    # the sequential op lacks, and says so at ERROR level (harmless: "Unknown attributes will be ignored"),
+    # after absl's note that logging is not initialised.
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|E0000 .*NodeDef mentions attribute use_unbounded_threadpool which is not in the op definition: Op<name=MapDataset"
+)
+
+
+@contextlib.contextmanager
+def quiet_native_info():
+    """Holds what native code writes to file descriptors 1 and 2 while the block runs, then writes back
+    every line but NATIVE_CHATTER's: TensorFlow's load ("oneDNN custom operations are on"), LiteRT's
+    interpreter ("INFO: Created TensorFlow Lite XNNPACK delegate"), the TFLite converter ("fully_quantize:
+    0, ...") and tf.data under op determinism (in evaluation) print lines from C++ that neither
+    TF_CPP_MIN_LOG_LEVEL nor a Python logger controls."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    held = {fd: tempfile.TemporaryFile() for fd in saved}
+    try:
+        for fd, file in held.items():
+            os.dup2(file.fileno(), fd)
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, file in held.items():
+            os.dup2(saved[fd], fd)
+            os.close(saved[fd])
+            file.seek(0)
+            kept = [line for line in file.read().splitlines(keepends=True) if not NATIVE_CHATTER.match(line.decode(errors="replace"))]
+            file.close()
+            os.write(fd, b"".join(kept))
+
+
+with quiet_native_info():
+    import tensorflow as tf  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+from tensorflow.python.framework import ops as tf_ops  # noqa: E402  Per-op FLOP counts: no public API has them.
+from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError  # noqa: E402
+
+from errors import UnsupportedLibrary, first_line  # noqa: E402
 
 CHECKED = {"keras": "3.15.1", "tensorflow": "2.21.0", "tensorflow_datasets": "4.9.10"}
 _INSTALLED = {"keras": keras.__version__, "tensorflow": tf.__version__, "tensorflow_datasets": tfds.__version__}
+
+
+def onednn_enabled():
+    """Whether TensorFlow runs its oneDNN CPU kernels in this process (engine/__init__.py asks for them
+    on x86-64; TensorFlow decides when it loads). No public API says."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def check_versions(installed=_INSTALLED):
@@ -177,42 +238,6 @@ def write_checkpoint_state(directory, latest, paths):
         directory, latest, all_model_checkpoint_paths=paths, all_model_checkpoint_timestamps=times,
         last_preserved_timestamp=min(times) - 1,
     )
-
-
-NATIVE_CHATTER = re.compile(
-    r"(INFO: |fully_quantize: )"  # LiteRT's and its converter's INFO lines.
-    # tf.data's rewrite of a parallel map into a sequential one under op determinism copies an attribute
-    # the sequential op lacks, and says so at ERROR level (harmless: "Unknown attributes will be ignored"),
-    # after absl's note that logging is not initialised.
-    r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
-    r"|E0000 .*NodeDef mentions attribute use_unbounded_threadpool which is not in the op definition: Op<name=MapDataset"
-)
-
-
-@contextlib.contextmanager
-def quiet_native_info():
-    """Holds what native code writes to file descriptors 1 and 2 while the block runs, then writes back
-    every line but NATIVE_CHATTER's: LiteRT's interpreter ("INFO: Created TensorFlow Lite XNNPACK
-    delegate"), the TFLite converter ("fully_quantize: 0, ...") and tf.data under op determinism (in
-    evaluation) print lines from C++ that neither TF_CPP_MIN_LOG_LEVEL nor a Python logger controls."""
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    held = {fd: tempfile.TemporaryFile() for fd in saved}
-    try:
-        for fd, file in held.items():
-            os.dup2(file.fileno(), fd)
-        yield
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        for fd, file in held.items():
-            os.dup2(saved[fd], fd)
-            os.close(saved[fd])
-            file.seek(0)
-            kept = [line for line in file.read().splitlines(keepends=True) if not NATIVE_CHATTER.match(line.decode(errors="replace"))]
-            file.close()
-            os.write(fd, b"".join(kept))
 
 
 def quiet_deprecations():

@@ -14,13 +14,11 @@ import sys
 import textwrap
 import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TensorFlow's C++ start-up chatter out.
-
+import internals  # First: it sets TensorFlow's process defaults, then loads TensorFlow.
 from absl import app, flags, logging  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import errors  # noqa: E402
-import internals  # noqa: E402
 from engine import config as config_lib  # noqa: E402
 from engine import jobs  # noqa: E402
 

@@ -398,7 +398,8 @@ def benchmark(config):
         "alpha": config.alpha, "image_size": config.image_size, "batch_size": config.batch_size,
         "unfreeze": config.unfreeze or config.unfreeze_from or config.trainable_regex,
         "devices": f"{run.devices.kind} x {run.devices.num_replicas}, {run.devices.strategy_name}, "
-                   f"{run.devices.precision}, XLA {'on' if run.devices.jit_compile else 'off'}",
+                   f"{run.devices.precision}, XLA {'on' if run.devices.jit_compile else 'off'}, "
+                   f"oneDNN {'on' if run.devices.onednn else 'off'}",
         "matmul_gflops": matmul, "rows": rows, "ratios": ratios(rows, matmul),
     }
     try:

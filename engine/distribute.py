@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from errors import ConfigError, first_line
+import internals
 
 
 API_NAMES = {
@@ -40,6 +41,7 @@ class Devices:
     jit_compile: bool
     fused_batchnorm: bool = False  # See engine/compiled_forward.py.
     frozen_as_constants: bool = False  # See engine/compiled_forward.py.
+    onednn: bool = False  # TensorFlow's oneDNN CPU kernels are on (engine/__init__.py).
     num_workers: int = 1
     worker_index: int = 0  # Position in the cluster, chief first: this worker's input shard.
     is_chief: bool = True  # The one worker that writes the run directory.
@@ -141,6 +143,7 @@ def configure(config):
 
     jit_compile = {"auto": kind == "GPU", "true": True, "false": False}[config.jit_compile]
     fused_batchnorm = {"auto": kind == "CPU", "true": True, "false": False}[config.fused_batchnorm]
+    onednn = internals.onednn_enabled()
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     if config.grad_accum_steps > 1 and strategy.num_replicas_in_sync > 1:
@@ -156,16 +159,17 @@ def configure(config):
             + (f" x --grad_accum_steps={config.grad_accum_steps}" if config.grad_accum_steps > 1 else ""),
         )
     logging.info(
-        "Devices: %s x %d (%s), strategy %s%s, precision %s, XLA %s%s%s%s",
+        "Devices: %s x %d (%s), strategy %s%s, precision %s, XLA %s%s%s%s%s",
         kind, strategy.num_replicas_in_sync // num_workers, ", ".join(devices), API_NAMES[strategy_name],
         f", worker {worker_index} of {num_workers}" if num_workers > 1 else "", precision,
-        "on" if jit_compile else "off", ", fused BatchNorm" if fused_batchnorm else "",
+        "on" if jit_compile else "off", ", oneDNN CPU kernels" if onednn else "",
+        ", fused BatchNorm" if fused_batchnorm else "",
         ", frozen weights as constants" if kind == "CPU" else "",
         ", deterministic ops" if config.deterministic else "",
     )
     return Devices(
         strategy=strategy, strategy_name=API_NAMES[strategy_name], kind=kind, precision=precision,
-        jit_compile=jit_compile, fused_batchnorm=fused_batchnorm, frozen_as_constants=kind == "CPU",
+        jit_compile=jit_compile, fused_batchnorm=fused_batchnorm, frozen_as_constants=kind == "CPU", onednn=onednn,
         num_workers=num_workers, worker_index=worker_index, is_chief=is_chief, cluster_resolver=resolver,
     )
 

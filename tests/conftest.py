@@ -11,8 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+import internals  # noqa: E402,F401  First: TensorFlow's process defaults, as launch.py runs with them.
 import keras  # noqa: E402
 
 from engine import distribute  # noqa: E402

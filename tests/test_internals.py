@@ -2,6 +2,9 @@
 TensorFlow Datasets. Each test checks one thing the project relies on against the installed versions."""
 
 import os
+import platform
+import subprocess
+import sys
 import urllib.error
 
 import keras
@@ -12,7 +15,7 @@ import tensorflow as tf
 import internals
 from engine.optimizer import make_optimizer
 from errors import UnsupportedLibrary
-from helpers import two_devices
+from helpers import ROOT, two_devices
 from models import trainability
 from models.classifier import BACKBONE_LAYER, build_classifier
 
@@ -171,3 +174,16 @@ def test_native_info_lines_are_held_back_and_everything_else_is_written(capfd):
     out, err = capfd.readouterr()
     assert (out, err) == ("printed\n", "ERROR: a native error a user must see\n"
                                         "E0000 00:00:1796043766.515896   20853 other.cc:1] another native error\n")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="oneDNN is asked for on x86-64")
+@pytest.mark.parametrize("setting, enabled", [(None, "True"), ("0", "False")])
+def test_onednn_kernels_are_on_unless_the_user_says_no_and_tensorflow_loads_quietly(setting, enabled):
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_CPP_MIN_LOG_LEVEL")}
+    if setting is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = setting
+    done = subprocess.run(
+        [sys.executable, "-c", "import internals; print(internals.onednn_enabled())"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{enabled}\n", "")

@@ -35,6 +35,8 @@ def test_benchmark_measures_every_mode_against_plain_fit_the_caches_and_the_pipe
         assert row["images_per_sec"] == row["plain_fit_images_per_sec"] == row["same_model_fit_images_per_sec"] == 32
         assert row["engine_over_plain_fit"] == row["engine_over_same_model_fit"] == one
         assert row["achieved_gflops"] == pytest.approx(row["training_flops_per_image"] * 32 / 1e9, rel=1e-12)
+    # The matmul ceiling is timed in windows alternated with ResNet50's (one each per window).
+    assert rows["resnet50 scratch"]["matmul_gflops_windows"] == [pytest.approx(2 * 1024**3 * 10 / 1e9, rel=1e-12)] * 3
     assert report["matmul_gflops"] == pytest.approx(2 * 1024**3 * 10 / 1e9, rel=1e-12)
     # Backward work follows what trains: frozen computes no backbone gradients, finetune some.
     flops = {mode: rows[mode]["training_flops_per_image"] for mode in benchmark.MODES}

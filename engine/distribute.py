@@ -6,8 +6,8 @@ MirroredStrategy over several (OneDeviceStrategy on one: its input iterator pref
 GPU), mixed float16 (compute capability >= 7.0) and XLA on the per-replica step; on one CPU, the default
 strategy (no distribution: within noise of OneDeviceStrategy where measured, and nothing added),
 float32 without XLA (both measured slower there), fused BatchNorm and frozen weights as graph constants
-(measured faster there, fused BatchNorm on an earlier machine only; on GPUs, XLA already fuses that
-work). Every path runs the same code: the default strategy implements `run`, `reduce` and
+(measured faster there: fused BatchNorm with oneDNN's kernels, which internals.py turns on for x86-64;
+on GPUs, XLA already fuses that work). Every path runs the same code: the default strategy implements `run`, `reduce` and
 `distribute_datasets_from_function` for one replica.
 """
 

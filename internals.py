@@ -83,8 +83,8 @@ _INSTALLED = {"keras": keras.__version__, "tensorflow": tf.__version__, "tensorf
 
 
 def onednn_enabled():
-    """Whether TensorFlow runs its oneDNN CPU kernels in this process (engine/__init__.py asks for them
-    on x86-64; TensorFlow decides when it loads). No public API says."""
+    """Whether TensorFlow runs its oneDNN CPU kernels in this process (this module asks for them on
+    x86-64, above; TensorFlow decides when it loads). No public API says."""
     from tensorflow.python.util import _pywrap_util_port
 
     return bool(_pywrap_util_port.IsMklEnabled())

@@ -15,12 +15,12 @@ import textwrap
 import warnings
 
 import internals  # First: it sets TensorFlow's process defaults, then loads TensorFlow.
-from absl import app, flags, logging  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from absl import app, flags, logging
+import tensorflow as tf
 
-import errors  # noqa: E402
-from engine import config as config_lib  # noqa: E402
-from engine import jobs  # noqa: E402
+import errors
+from engine import config as config_lib
+from engine import jobs
 
 config_lib.define_flags()
 flags.adopt_module_key_flags(config_lib)  # So --help lists them.

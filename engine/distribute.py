@@ -7,8 +7,8 @@ GPU), mixed float16 (compute capability >= 7.0) and XLA on the per-replica step;
 strategy (no distribution: within noise of OneDeviceStrategy where measured, and nothing added),
 float32 without XLA (both measured slower there), fused BatchNorm and frozen weights as graph constants
 (measured faster there: fused BatchNorm with oneDNN's kernels, which internals.py turns on for x86-64;
-on GPUs, XLA already fuses that work). Every path runs the same code: the default strategy implements `run`, `reduce` and
-`distribute_datasets_from_function` for one replica.
+on GPUs, XLA already fuses that work). Every path runs the same code: the default strategy implements
+`run`, `reduce` and `distribute_datasets_from_function` for one replica.
 """
 
 import dataclasses
@@ -41,7 +41,7 @@ class Devices:
     jit_compile: bool
     fused_batchnorm: bool = False  # See engine/compiled_forward.py.
     frozen_as_constants: bool = False  # See engine/compiled_forward.py.
-    onednn: bool = False  # TensorFlow's oneDNN CPU kernels are on (engine/__init__.py).
+    onednn: bool = False  # TensorFlow's oneDNN CPU kernels are on (internals.py asks for them).
     num_workers: int = 1
     worker_index: int = 0  # Position in the cluster, chief first: this worker's input shard.
     is_chief: bool = True  # The one worker that writes the run directory.

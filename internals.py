@@ -207,6 +207,19 @@ def fused_batch_norm(layers):
             del layer.call
 
 
+# --- Keras applications: the EfficientNet builder ---------------------------------------------------
+# Relies on: keras.src.applications.efficientnet.EfficientNet (the builder behind EfficientNetB0..B7,
+# not exported) and its DEFAULT_BLOCKS_ARGS (B0's seven stages, as dicts with se_ratio).
+
+
+def efficientnet_builder():
+    """(EfficientNet, DEFAULT_BLOCKS_ARGS): Keras' own EfficientNet builder and B0's stages, from which
+    models/backbones.py makes EfficientNet-Lite0 (no public Keras API builds another EfficientNet)."""
+    from keras.src.applications import efficientnet
+
+    return efficientnet.EfficientNet, efficientnet.DEFAULT_BLOCKS_ARGS
+
+
 # --- TensorFlow: FLOPs per op ------------------------------------------------------------------------
 # Relies on: `tensorflow.python.framework.ops.get_stats_for_node_def`, the registry behind
 # tf.compat.v1.profiler's float_operation counts.
@@ -318,3 +331,12 @@ def split_slices(split, num_examples):
     split). Relies on the `from_` and `to` of TFDS' absolute read instructions."""
     splits = tfds.core.SplitDict([tfds.core.SplitInfo(name="train", shard_lengths=[num_examples], num_bytes=0)])
     return [slice(part.from_, part.to) for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)]
+
+
+def split_parts(split):
+    """The parts of a TFDS split string (`train[:10%]+train[-3:]`: `train[:10%]` and `train[-3:]`), each
+    with whether it slices by percent, by TFDS' own parser (ValueError if a part is not a split string).
+    Relies on `+` being TFDS' separator (its private `_ADDITION_SEP_RE`) and on the `unit` of its
+    ReadInstruction (`all` parses to another class, which has none: not a percent slice)."""
+    parts = re.split(r"\s*\+\s*", split)
+    return [(part, getattr(tfds.core.ReadInstruction.from_spec(part), "unit", None) == "%") for part in parts]

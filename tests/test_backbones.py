@@ -22,6 +22,8 @@ from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_we
 
 SIZE = 32
 APPLICATIONS = [name for name, entry in BACKBONES.items() if entry.has_imagenet_weights]
+CONVERTED = ["efficientnet_lite0"]  # ImageNet weights from a package, converted (tests/test_imagenet.py).
+DOWNLOADED = [name for name in APPLICATIONS if name not in CONVERTED]  # By Keras, into its cache.
 # Keras checks these files against its own hashes: (module registry, key) per backbone.
 HASHED = {
     "mobilenet_v3_small": (mobilenet_v3.WEIGHTS_HASHES, "small_224_1.0_float"),
@@ -37,11 +39,11 @@ KERAS_OWN = {
 
 
 def test_every_application_backbone_is_checked_against_keras():
-    assert sorted(KERAS_OWN) == sorted(APPLICATIONS)
+    assert sorted(KERAS_OWN) == sorted(DOWNLOADED)
     assert sorted(BACKBONES) == sorted(APPLICATIONS + ["small_cnn"])
 
 
-@pytest.mark.parametrize("name", APPLICATIONS)
+@pytest.mark.parametrize("name", DOWNLOADED)
 def test_preprocessing_is_keras_applications_own(name):
     pixels = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype="uint8")
     expected = KERAS_OWN[name](pixels.astype("float32"))
@@ -100,8 +102,18 @@ def test_training_changes_exactly_what_the_rule_says(model, mode, bn):
     assert any(not np.array_equal(before[w.path], w.numpy()) for w in head), "the head did not train"
 
 
+def test_efficientnet_lite0_scales_pixels_as_its_weights_expect():
+    """(pixel - 127) / 128 before the stem convolution, in a backbone built with or without weights."""
+    pixels = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype="uint8")
+    model = build_classifier(backbone="efficientnet_lite0", image_size=SIZE, channels=3, num_classes=3)
+    backbone = model.get_layer(BACKBONE_LAYER)
+    scaled = keras.Model(backbone.input, backbone.get_layer("stem_conv_pad").input)
+    inputs = preprocessing("efficientnet_lite0", SIZE, 3)(pixels)
+    np.testing.assert_allclose(scaled(inputs), (pixels.astype("float32") - 127) / 128, atol=1e-6)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", APPLICATIONS)
+@pytest.mark.parametrize("name", DOWNLOADED)
 def test_imagenet_weights_load_from_a_preseeded_keras_cache(name, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path))  # Keras read KERAS_HOME at import.

@@ -3,7 +3,9 @@ sizes. Both read as (encoded image bytes, label) in a fixed order; decoding happ
 an undecodable image is skipped and counted there instead of failing here.
 
 Splits are TFDS split strings (`train[:80%]`, `train[80%:90]`, `train+test`) for both: a folder's images
-form one split, `train`, cut by TFDS's own ReadInstruction rules.
+form one split, `train`, cut by TFDS's own ReadInstruction rules. Names starting with a dot
+(`.ipynb_checkpoints`, `.DS_Store`, `._photo.jpg`) below a folder's root are never classes nor images, here
+and in --job=predict.
 """
 
 import contextlib
@@ -158,18 +160,19 @@ class FolderSource(Source):
     """A folder with one sub-folder of images per class, as one split `train` in a fixed shuffled order
     (seed 0, whatever --seed is), so percent slices mix classes and stay the same across runs. Images in
     folders inside a class folder belong to that class (a class kept in several folders, e.g. by year);
-    files that are not images by their extension are left out and named in the log."""
+    hidden names are skipped (`files_below`); other files that are not images by their extension are left
+    out and named in the log."""
 
     def __init__(self, root, *, label_subset):
         if not os.path.isdir(root):
             raise ConfigError("dataset", FOLDER_PREFIX + root, "no such directory")
         class_names = sorted(
-            entry for entry in os.listdir(root) if os.path.isdir(os.path.join(root, entry))
+            entry for entry in os.listdir(root) if not _hidden(entry) and os.path.isdir(os.path.join(root, entry))
         )
         files, others = [], []
         for label, name in enumerate(class_names):
-            for path in _files_below(os.path.join(root, name)):
-                if path.lower().endswith(IMAGE_EXTENSIONS):
+            for path in files_below(os.path.join(root, name)):
+                if is_image(path):
                     files.append((path, label))
                 else:
                     others.append(os.path.relpath(path, root))
@@ -248,10 +251,25 @@ def with_default_splits(config, source):
     return dataclasses.replace(config, **{flag: defaults[flag] for flag in open_flags})
 
 
-def _files_below(folder):
-    """Every file in `folder` and the folders inside it, in a fixed (sorted) order."""
-    for directory, _, names in sorted(os.walk(folder)):
-        yield from (os.path.join(directory, name) for name in sorted(names))
+def files_below(folder):
+    """Every file in `folder` and the folders inside it, in a fixed (sorted) order, without hidden ones:
+    a name starting with a dot at any level below `folder` is a notebook's checkpoints, a Mac's
+    `.DS_Store` or `._photo.jpg` (metadata that ends in .jpg but is no image), never data."""
+    walk = []
+    for directory, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not _hidden(name)]  # os.walk then skips the others.
+        walk.append((directory, sorted(name for name in names if not _hidden(name))))
+    for directory, names in sorted(walk):
+        yield from (os.path.join(directory, name) for name in names)
+
+
+def is_image(path):
+    """Whether a file is read as an image (by its extension, as a folder dataset and --job=predict do)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _hidden(name):
+    return name.startswith(".")
 
 
 def open_source(config):

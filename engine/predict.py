@@ -17,7 +17,7 @@ import tensorflow as tf
 import tqdm
 
 from data import pipeline
-from data.sources import IMAGE_EXTENSIONS
+from data.sources import files_below, is_image
 from engine import distribute
 from engine.export import load_model
 from engine.run_dir import RunDir, write_atomic
@@ -82,17 +82,15 @@ def predict(config):
 
 
 def find_images(inputs):
-    """Files named by --inputs: files as given, folders searched recursively for image extensions,
-    globs expanded (recursively with **); in the order given, each file once."""
+    """Files named by --inputs: files as given, folders searched recursively for image extensions (skipping
+    hidden names, as a folder dataset does), globs expanded (recursively with **); in the order given, each
+    file once."""
     found = []
     for item in inputs:
         matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
         for match in matches:
             if os.path.isdir(match):
-                found += sorted(
-                    os.path.join(folder, name) for folder, _, names in os.walk(match) for name in names
-                    if name.lower().endswith(IMAGE_EXTENSIONS)
-                )
+                found += sorted(path for path in files_below(match) if is_image(path))
             elif os.path.isfile(match):
                 found.append(match)
     found = list(dict.fromkeys(found))

@@ -166,6 +166,19 @@ def write_images(folder):
     return ["RGBA.PNG", "gray.png", "nested/deeper/x.jpg", "nested/first.gif", "rgb.bmp"]
 
 
+def test_predict_searches_a_folder_for_the_images_a_folder_dataset_reads(tmp_path):
+    from data import sources
+    from engine.predict import find_images
+
+    for path in ("cat/0.jpg", "cat/2019/1.PNG", "dog/0.gif", "dog/notes.txt", "cat/.DS_Store", "dog/._0.gif",
+                 ".ipynb_checkpoints/cat-checkpoint.jpg", "cat/.ipynb_checkpoints/0-checkpoint.jpg"):
+        os.makedirs((tmp_path / path).parent, exist_ok=True)
+        (tmp_path / path).write_bytes(b"")
+    found = find_images([str(tmp_path)])
+    assert [os.path.relpath(path, tmp_path) for path in found] == ["cat/0.jpg", "cat/2019/1.PNG", "dog/0.gif"]
+    assert sorted(found) == sorted(sources.FolderSource(str(tmp_path), label_subset=()).paths)
+
+
 @pytest.mark.parametrize("tta", [False, True], ids=["plain", "tta"])
 def test_predict_writes_one_row_per_readable_image_with_the_models_top_classes(data_dir, pretrained_run, tmp_path, tta):
     import keras

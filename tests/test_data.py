@@ -384,6 +384,23 @@ def test_images_in_folders_inside_a_class_folder_belong_to_it_and_other_files_ar
         "cat/2019/Thumbs.db, dog/notes.txt" in caplog.text
 
 
+def test_hidden_folders_and_files_are_neither_classes_nor_examples(tiny, tmp_path, caplog):
+    _write_folder(tmp_path, per_class=2)
+    png = tf.io.encode_png(tf.constant(np.full((9, 9, 3), 7, np.uint8))).numpy()
+    for hidden in (".ipynb_checkpoints/0-checkpoint.png", "cat/.ipynb_checkpoints/1-checkpoint.png",
+                   "dog/.thumbnails/2019/0.png", "dog/._0.png", "cat/.DS_Store", ".DS_Store"):
+        os.makedirs((tmp_path / hidden).parent, exist_ok=True)
+        (tmp_path / hidden).write_bytes(png)
+    with caplog.at_level("INFO"):
+        source = sources.open_source(tiny(dataset=f"folder:{tmp_path}", label_subset=()))
+    assert source.class_names == ("cat", "dog")
+    assert sorted(os.path.relpath(path, tmp_path) for path in source.paths) == [
+        "cat/0.png", "cat/1.jpg", "dog/0.png", "dog/1.jpg"
+    ]
+    assert "2 files are not images (.jpg, .jpeg, .png, .bmp, .gif) and are left out: cat/notes.txt, " \
+        "dog/notes.txt" in caplog.text
+
+
 def test_an_empty_class_folder_is_refused(tiny, tmp_path):
     _write_folder(tmp_path)
     os.makedirs(tmp_path / "bird")

@@ -89,8 +89,8 @@ def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic
     """Decodes, resizes and caches this worker's shard of `split`, counting what decoded.
 
     `cache` is "memory", "none", or a directory for cache files (reused by later runs with the same
-    split, size and label subset). Undecodable images are skipped, and named (a second pass, only
-    when there are some).
+    split, selection scheme, size and label subset). Undecodable images are skipped, and named (a
+    second pass, only when there are some).
     """
     channels = split.source.channels
     dataset = split.source.read(split.name)
@@ -104,7 +104,9 @@ def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic
         dataset = dataset.cache()
     elif cache != "none":
         os.makedirs(cache, exist_ok=True)
-        name = f"{split.source.name}_{split.source.label_subset}_{split.name}_{image_size}px_{worker.index}of{worker.count}"
+        source = split.source
+        name = "_".join(filter(None, (source.name, source.split_scheme, str(source.label_subset), split.name,
+                                      f"{image_size}px", f"{worker.index}of{worker.count}")))
         dataset = dataset.cache(os.path.join(cache, re.sub(r"[^\w.-]+", "_", name)))
     dataset = dataset.with_options(options(deterministic))
     class_counts = np.zeros(split.source.num_classes, np.int64)

@@ -3,9 +3,9 @@ sizes. Both read as (encoded image bytes, label) in a fixed order; decoding happ
 an undecodable image is skipped and counted there instead of failing here.
 
 Splits are TFDS split strings (`train[:80%]`, `train[80%:90]`, `train+test`) for both: a folder's images
-form one split, `train`, cut by TFDS's own ReadInstruction rules. Names starting with a dot
-(`.ipynb_checkpoints`, `.DS_Store`, `._photo.jpg`) below a folder's root are never classes nor images, here
-and in --job=predict.
+form one split, `train`, cut by TFDS's own ReadInstruction rules, a percent slice applied to each class
+(stratified) and an absolute one to the whole folder. Names starting with a dot (`.ipynb_checkpoints`,
+`.DS_Store`, `._photo.jpg`) below a folder's root are never classes nor images, here and in --job=predict.
 """
 
 import contextlib
@@ -41,6 +41,10 @@ class Split:
 
 class Source:
     """Examples with labels, relabelled by `--label_subset`. Subclasses say how to read and count."""
+
+    # How split strings select examples, in the names of --cache files (data/pipeline.py): a source whose
+    # selection rule changes takes a new tag, so files cached under the old rule are never read as the new.
+    split_scheme = ""
 
     def __init__(self, *, name, class_names, channels, label_subset):
         self.name = name
@@ -158,10 +162,15 @@ class TfdsSource(Source):
 
 class FolderSource(Source):
     """A folder with one sub-folder of images per class, as one split `train` in a fixed shuffled order
-    (seed 0, whatever --seed is), so percent slices mix classes and stay the same across runs. Images in
-    folders inside a class folder belong to that class (a class kept in several folders, e.g. by year);
-    hidden names are skipped (`files_below`); other files that are not images by their extension are left
-    out and named in the log."""
+    (seed 0, whatever --seed is), the same across runs. A percent slice (`train[80%:90%]`) takes that share
+    of every class, by TFDS's rules on the class's count, so each class is in train, eval and test in
+    proportion and consecutive slices still partition the folder; an absolute slice (`train[:10]`) takes
+    its examples of the whole order. Either way the examples keep the shuffled order, classes mixed.
+    Images in folders inside a class folder belong to that class (a class kept in several folders, e.g. by
+    year); hidden names are skipped (`files_below`); other files that are not images by their extension
+    are left out and named in the log."""
+
+    split_scheme = "stratified"
 
     def __init__(self, root, *, label_subset):
         if not os.path.isdir(root):
@@ -202,8 +211,18 @@ class FolderSource(Source):
     def split_names(self):
         return ("train",)
 
-    def _ranges(self, split):
-        return internals.split_slices(split, len(self.paths))
+    def _positions(self, split):
+        """Positions in the shuffled order that `split` selects, part by part (`train[:10%]+train[-3:]`):
+        a percent part cuts each class, an absolute part the whole order."""
+        everything = np.arange(len(self.labels))
+        classes = [everything[self.labels == label] for label in range(len(self.all_class_names))]
+        chosen = []
+        for part, percent in internals.split_parts(split):
+            chosen.append(np.sort(np.concatenate([
+                group[r] for group in (classes if percent else [everything])
+                for r in internals.split_slices(part, len(group))
+            ])))
+        return np.concatenate(chosen)
 
     def _read(self, split):
         paths, labels = self._selected(split, self.paths), self._selected(split, self.labels)
@@ -218,7 +237,7 @@ class FolderSource(Source):
         return str(paths[index])
 
     def _selected(self, split, values):
-        return np.concatenate([values[r] for r in self._ranges(split)])
+        return values[self._positions(split)]
 
     def _label_counts(self, split):
         labels = self._selected(split, self.labels)

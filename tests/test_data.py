@@ -401,6 +401,55 @@ def test_hidden_folders_and_files_are_neither_classes_nor_examples(tiny, tmp_pat
         "dog/notes.txt" in caplog.text
 
 
+def _write_classes(root, sizes):
+    """A folder dataset of empty files (splits never decode them): `sizes[k]` of them in folder classk."""
+    for label, size in enumerate(sizes):
+        os.makedirs(root / f"class{label}")
+        for i in range(size):
+            (root / f"class{label}" / f"{label}_{i}.png").write_bytes(b"")
+
+
+def _names(source, split):
+    return [source.example_name(split, i) for i in range(source.split(split, "train_split").num_examples)]
+
+
+@pytest.mark.parametrize("sizes, expected", [
+    ((40, 40, 40), [(32, 32, 32), (4, 4, 4), (4, 4, 4)]),
+    ((10, 30, 50), [(8, 24, 40), (1, 3, 5), (1, 3, 5)]),
+])
+def test_percent_splits_of_a_folder_take_each_classs_share_and_partition_it(tiny, tmp_path, sizes, expected):
+    _write_classes(tmp_path, sizes)
+    source = sources.open_source(tiny(dataset=f"folder:{tmp_path}", label_subset=()))
+    assert [source.class_counts(split) for split in sources.ONLY_TRAIN] == expected
+    splits = [_names(source, split) for split in sources.ONLY_TRAIN]
+    assert sorted(name for names in splits for name in names) == sorted(source.paths), "not a partition"
+    position = {str(path): i for i, path in enumerate(source.paths)}
+    for names in splits:  # Each keeps the shuffled order, classes mixed.
+        assert [position[name] for name in names] == sorted(position[name] for name in names)
+    assert len(set(_labels(source, "train[:80%]")[:10])) > 1
+    np.testing.assert_array_equal(np.bincount(_labels(source, "train[90%:]")), expected[2])
+    # Absolute slices count in the whole shuffled order; a sum handles each part by its own unit.
+    assert _names(source, "train[:10]") == list(source.paths[:10])
+    assert _names(source, "train[-5:]") == list(source.paths[-5:])
+    assert _names(source, "train[:10%]+train[-3:]") == _names(source, "train[:10%]") + list(source.paths[-3:])
+    subset = sources.open_source(tiny(dataset=f"folder:{tmp_path}", label_subset=(2, 0)))
+    assert subset.class_counts("train[80%:90%]") == (expected[1][2], expected[1][0])
+    assert _names(subset, "train[80%:90%]") == [name for name in splits[1] if "/class1/" not in name]
+
+
+def test_a_folders_file_cache_is_not_the_one_an_unstratified_selection_wrote(tiny, tmp_path, monkeypatch):
+    _write_folder(tmp_path / "images", per_class=10)
+    cache = tmp_path / "cache"
+    source = sources.open_source(tiny(dataset=f"folder:{tmp_path / 'images'}", label_subset=()))
+    split = source.split("train[:50%]", "train_split")
+    with monkeypatch.context() as old:  # What the unstratified selection's files were named.
+        old.setattr(sources.FolderSource, "split_scheme", "")
+        pipeline.prepare(split, image_size=16, cache=str(cache))
+    written = set(os.listdir(cache))
+    assert pipeline.prepare(split, image_size=16, cache=str(cache)).count == split.num_examples
+    assert set(os.listdir(cache)) > written, "the cache of the old selection was read"
+
+
 def test_an_empty_class_folder_is_refused(tiny, tmp_path):
     _write_folder(tmp_path)
     os.makedirs(tmp_path / "bird")

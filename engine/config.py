@@ -32,11 +32,12 @@ AUTO_TRUE_FALSE = ("auto", "true", "false")
 NO_RULE = {"unfreeze": 0, "unfreeze_from": "", "trainable_regex": ""}
 
 
-def _option(default, help_text, *, choices=None, kind=None):
-    """A config field; `kind` says the flag type where the default (None) cannot."""
+def _option(default, help_text, *, choices=None, kind=None, auto=False):
+    """A config field; `kind` says the flag type where the default (None) cannot; with `auto`, the value
+    auto is None, as if the flag were not given (so a command line can undo a flagfile's value)."""
     return dataclasses.field(
         default=default,
-        metadata={"help": help_text, "choices": choices, "kind": kind or type(default)},
+        metadata={"help": help_text, "choices": choices, "kind": kind or type(default), "auto": auto},
     )
 
 
@@ -111,24 +112,26 @@ class Config:
     )
     train_split: str = _option(
         None,
-        "TFDS split string to train on. Default, by the splits the dataset has: train with a validation split, "
-        "else train[:90%] with a test split, else (one split, train: folders, cats_vs_dogs) train[:80%].",
-        kind=str,
+        "TFDS split string to train on, or auto (as unset): by the splits the dataset has, train with a validation "
+        "split, else train[:90%] with a test split, else (one split, train: folders, cats_vs_dogs) train[:80%]. "
+        "A folder's percent slices take that share of every class.",
+        kind=str, auto=True,
     )
     eval_split: str = _option(
         None,
-        "TFDS split string evaluated after each epoch ('' skips). Default: validation, else train[90%:], "
-        "else train[80%:90%] (see --train_split).",
-        kind=str,
+        "TFDS split string evaluated after each epoch ('' skips), or auto (as unset): validation, else "
+        "train[90%:], else train[80%:90%] (see --train_split).",
+        kind=str, auto=True,
     )
     test_split: str = _option(
         None,
-        "TFDS split string evaluated once at the end ('' skips). Default: test, else train[90%:] "
+        "TFDS split string evaluated once at the end ('' skips), or auto (as unset): test, else train[90%:] "
         "(see --train_split).",
-        kind=str,
+        kind=str, auto=True,
     )
     label_subset: tuple = _option(
-        (), "Keep only these labels, relabelled 0..k-1 in the order given, e.g. 6,0,2.", kind=list
+        (), "Keep only these labels, relabelled 0..k-1 in the order given, e.g. 6,0,2 (empty: every label).",
+        kind=list,
     )
     cache: str = _option(
         "memory", "Decoded images: memory, none, or a directory for cache files (reused across runs)."
@@ -318,7 +321,9 @@ def from_flags(flag_values=flags.FLAGS):
     values = {}
     for field in dataclasses.fields(Config):
         value = flag_values[field.name].value
-        if field.name == "label_subset":
+        if field.metadata["auto"] and value == "auto":
+            value = None
+        elif field.name == "label_subset":
             value = _parse_labels(value)
         elif field.metadata["kind"] is list:
             value = tuple(value)

@@ -45,6 +45,19 @@ def test_flagfile_text_rebuilds_the_same_config(tmp_path):
     assert read_flagfile_text(config.to_flagfile())["label_subset"] == "3,1"
 
 
+def test_auto_split_flags_and_an_empty_label_subset_undo_a_flagfiles_values(tmp_path):
+    flagfile = tmp_path / "given.flags"
+    flagfile.write_text("--model_dir=/tmp/x\n--backbone=small_cnn\n--label_subset=6,0,2\n--train_split=train\n"
+                        "--eval_split=validation\n--test_split=test\n")
+    given = parse(f"--flagfile={flagfile}")
+    assert (given.label_subset, given.train_split, given.eval_split, given.test_split) == (
+        (6, 0, 2), "train", "validation", "test")
+    undone = parse(f"--flagfile={flagfile}", "--label_subset=", "--train_split=auto", "--eval_split=auto",
+                   "--test_split=auto")
+    assert (undone.label_subset, undone.train_split, undone.eval_split, undone.test_split) == ((), None, None, None)
+    assert undone == parse("--model_dir=/tmp/x", "--backbone=small_cnn"), "auto must mean not given"
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [

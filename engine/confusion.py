@@ -2,18 +2,13 @@
 TensorBoard (logs/test). The counts come from the exact distributed evaluation (engine/trainer.py)."""
 
 import numpy as np
-import tensorflow as tf
 
-from engine.run_dir import replace_atomic
+from engine import figures
 
 
 def figure(counts, class_names, title):
     """Rows normalised to the true class's examples (colour and percentage), with each cell's count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
+    pyplot = figures.pyplot()
     counts = np.asarray(counts)
     totals = counts.sum(axis=1, keepdims=True)
     rates = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
@@ -37,13 +32,4 @@ def figure(counts, class_names, title):
 
 def write(run_dir, counts, class_names, *, title, step):
     """confusion.png and the TensorBoard image of the same picture."""
-    from matplotlib import pyplot
-
-    drawing = figure(counts, class_names, title)
-    path = run_dir.file("confusion.png")
-    replace_atomic(path, lambda temporary: drawing.savefig(temporary, dpi=110))
-    pyplot.close(drawing)
-    with open(path, "rb") as f:
-        picture = tf.io.decode_png(f.read(), channels=3)
-    with tf.summary.create_file_writer(run_dir.file("logs", "test")).as_default(step=step):
-        tf.summary.image("confusion_matrix", picture[None])
+    figures.save(run_dir, figure(counts, class_names, title), "confusion.png", tag="confusion_matrix", step=step)

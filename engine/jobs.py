@@ -10,6 +10,8 @@ the run's own, completed from its flags.txt: engine/config.py).
     lr_find    engine/lr_find.py    a learning-rate range test: lr_find.json and lr_find.png
 """
 
+import os
+
 from absl import logging
 
 from engine import assembly, benchmark, compare, export, lr_find, predict, training
@@ -31,6 +33,10 @@ def evaluate(config):
         metrics = training.evaluate_split(run, trainer, run.splits[name])
         for key in ("loss", "accuracy", "examples", "class_accuracy", "confusion_matrix"):
             evaluation[f"{name}_{key}"] = metrics[key] if metrics else None
+    if run.splits["test"]:
+        evaluation["test_top_losses"] = training.write_top_losses(
+            run, run_dir, model=run.model, scored=run.splits["test"], step=int(run.state.step.numpy()),
+            title=f"{os.path.basename(restored)}: the highest losses of {run.config.test_split}")
     run_dir.write_json("evaluation.json", evaluation)
     logging.info(
         "Evaluated %s: eval accuracy %s, test accuracy %s (%s test examples)",

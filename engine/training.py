@@ -7,7 +7,7 @@ import time
 
 from absl import logging
 
-from engine import assembly, confusion, feature_cache, loop
+from engine import assembly, confusion, feature_cache, loop, top_losses
 from engine.optimizer import use_averaged_weights
 from engine.run_dir import RunDir, replace_atomic
 from engine.trainer import Stages, summarize
@@ -141,6 +141,9 @@ def _train(config, run, run_dir, started, progress_label):
     if test:
         confusion.write(run_dir, test["confusion_matrix"], run.source.class_names, step=results["global_step"],
                         title=f"{config.mode}: {config.test_split} ({test['examples']:,} images)")
+        results["test_top_losses"] = write_top_losses(
+            run, run_dir, model=features.upper if features else run.model, scored=splits["test"],
+            step=results["global_step"], title=f"{config.mode}: the highest losses of {config.test_split}")
     run_dir.write_json("results.json", results)
     logging.info(
         "Done: test accuracy %s, eval accuracy %s, %s images/sec; results in %s",
@@ -148,6 +151,21 @@ def _train(config, run, run_dir, started, progress_label):
         fmt(results["images_per_sec"], ".0f"), run_dir.file("results.json"),
     )
     return results
+
+
+def write_top_losses(run, run_dir, *, model, scored, step, title):
+    """top_losses.png of the run's test split (engine/top_losses.py); the mistakes as results.json lists them."""
+    test = run.splits["test"]
+    # Example names follow the split as read: exact with one reader and nothing skipped.
+    named = run.worker.count == 1 and not test.skipped
+    mistakes = top_losses.write(
+        run_dir, model=model, scored=scored, shown_from=test, class_names=run.source.class_names,
+        batch_size=run.config.batch_size, step=step, title=title, tta=run.config.tta,
+        names=(lambda index: run.source.example_name(test.split.name, index)) if named else None,
+    )
+    names = run.source.class_names
+    return [{"example": run.source.example_name(test.split.name, m.index) if named else m.index, "label": names[m.label],
+             "predicted": names[m.predicted], "probability": m.probability, "loss": m.loss} for m in mistakes]
 
 
 def describe(devices):

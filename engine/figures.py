@@ -1,0 +1,28 @@
+"""Where a run's pictures go: a PNG in the run directory (written atomically) and the same picture as an
+image in TensorBoard (logs/test), for confusion.png and top_losses.png."""
+
+import tensorflow as tf
+
+from engine.run_dir import replace_atomic
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: no screen needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plot
+
+    return plot
+
+
+def save(run_dir, drawing, file_name, *, tag, step, dpi=110):
+    """Writes `drawing` (a matplotlib figure, closed afterwards) as run_dir/file_name and as TensorBoard
+    image `tag` at `step`."""
+    path = run_dir.file(file_name)
+    replace_atomic(path, lambda temporary: drawing.savefig(temporary, dpi=dpi))
+    pyplot().close(drawing)
+    with open(path, "rb") as f:
+        picture = tf.io.decode_png(f.read(), channels=3)
+    with tf.summary.create_file_writer(run_dir.file("logs", "test")).as_default(step=step):
+        tf.summary.image(tag, picture[None])

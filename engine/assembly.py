@@ -23,9 +23,10 @@ from engine.checkpoints import Checkpoints
 from engine.optimizer import learning_rate_schedule, make_optimizer
 from errors import ConfigError, named
 from models import modes, trainability
-from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights
+from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights, trained_image_size
 
 SPLITS = ("train", "eval", "test")
+FEW_IMAGES = 10  # Training images of a class below which a run warns.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +137,11 @@ def build(config, *, pretrained=True):
         weights = "none"
     elif mode.pretrained and weights == "none":
         logging.warning("--mode=%s with --weights=none: the backbone is random, not pretrained", config.mode)
+    elif mode.pretrained and trained_image_size(weights, config.backbone) not in (None, config.image_size):
+        logging.warning(
+            "--image_size=%d: the backbone's weights (--weights=%s) were trained at %d px; at another size its "
+            "features fit the images less well (set --image_size=%d unless speed matters more)", config.image_size,
+            weights, trained_image_size(weights, config.backbone), trained_image_size(weights, config.backbone))
     keras.utils.set_random_seed(config.seed)  # Here, after data preparation, which may draw numbers.
     with devices.strategy.scope():
         model = build_classifier(
@@ -200,9 +206,15 @@ def _prepare(config, source, worker, name):
         logging.warning("%s: %d undecodable examples skipped: %s", name, prepared.skipped,
                         named(prepared.undecodable, prepared.skipped))
     # With several workers a shard may lack a class that the split has: only one worker sees it all.
-    if name == "train" and worker.count == 1 and 0 in prepared.class_counts:
-        absent = source.class_names[prepared.class_counts.index(0)]
-        raise ConfigError("train_split", split_name, f"has no image of class {absent} that decodes")
+    if name == "train" and worker.count == 1:
+        counts = prepared.class_counts
+        if 0 in counts:
+            raise ConfigError("train_split", split_name, f"has no image of class {source.class_names[counts.index(0)]} "
+                              "that decodes")
+        few = [f"{source.class_names[label]} ({count})" for label, count in enumerate(counts) if count < FEW_IMAGES]
+        if few:
+            logging.warning("train: few training images of %s: a class with fewer than %d is learnt poorly (add "
+                            "images of it)", named(few), FEW_IMAGES)
     return prepared
 
 

@@ -240,7 +240,7 @@ def _on_disk(run, lower, examples, batches, directory):
     record) in a folder named by what determines them, reused when complete."""
     key = hashlib.sha1(repr((
         lower.output.shape, lower.output.dtype, examples.split.source.name, examples.split.source.label_subset,
-        examples.split.name, run.config.image_size, run.worker,
+        examples.split.source.split_scheme, examples.split.name, run.config.image_size, run.worker,
     )).encode())
     for weight in lower.weights:
         key.update(np.asarray(weight.numpy()).tobytes())

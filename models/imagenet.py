@@ -145,6 +145,7 @@ def _save(model, target):
         os.close(handle)
         try:
             model.save_weights(temporary)
+            os.chmod(temporary, 0o644)  # mkstemp's file is private; a cache is for every user of this home.
             os.replace(temporary, target)
         finally:
             if os.path.exists(temporary):

@@ -76,7 +76,8 @@ def figure(mistakes, pictures, class_names, *, names=None, title):
     pyplot = figures.pyplot()
     columns = min(4, max(1, len(mistakes)))
     rows = max(1, -(-len(mistakes) // columns))
-    drawing, axes = pyplot.subplots(rows, columns, figsize=(3.1 * columns, 3.4 * rows + 0.4), squeeze=False)
+    drawing, axes = pyplot.subplots(rows, columns, figsize=(3 * columns, 3.8 * rows + 0.4), squeeze=False,
+                                    layout="constrained")  # Room for each picture's title and the suptitle.
     for axis in axes.flat:
         axis.axis("off")
     for axis, mistake in zip(axes.flat, mistakes):
@@ -88,7 +89,6 @@ def figure(mistakes, pictures, class_names, *, names=None, title):
             lines.append(os.path.basename(names[mistake.index])[:28])
         axis.set_title("\n".join(lines), fontsize=8, color="black" if mistake.label == mistake.predicted else "darkred")
     drawing.suptitle(title, fontsize=10)
-    drawing.tight_layout()
     return drawing
 
 

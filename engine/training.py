@@ -155,17 +155,16 @@ def _train(config, run, run_dir, started, progress_label):
 
 def write_top_losses(run, run_dir, *, model, scored, step, title):
     """top_losses.png of the run's test split (engine/top_losses.py); the mistakes as results.json lists them."""
-    test = run.splits["test"]
-    # Example names follow the split as read: exact with one reader and nothing skipped.
-    named = run.worker.count == 1 and not test.skipped
+    test, classes = run.splits["test"], run.source.class_names
+    # Example names follow the split as read: exact with one reader and nothing skipped; else the position.
+    name = ((lambda index: run.source.example_name(test.split.name, index))
+            if run.worker.count == 1 and not test.skipped else None)
     mistakes = top_losses.write(
-        run_dir, model=model, scored=scored, shown_from=test, class_names=run.source.class_names,
-        batch_size=run.config.batch_size, step=step, title=title, tta=run.config.tta,
-        names=(lambda index: run.source.example_name(test.split.name, index)) if named else None,
+        run_dir, model=model, scored=scored, shown_from=test, class_names=classes, batch_size=run.config.batch_size,
+        step=step, title=title, tta=run.config.tta, names=name,
     )
-    names = run.source.class_names
-    return [{"example": run.source.example_name(test.split.name, m.index) if named else m.index, "label": names[m.label],
-             "predicted": names[m.predicted], "probability": m.probability, "loss": m.loss} for m in mistakes]
+    return [{"example": name(m.index) if name else m.index, "label": classes[m.label], "predicted": classes[m.predicted],
+             "probability": m.probability, "loss": m.loss} for m in mistakes]
 
 
 def describe(devices):

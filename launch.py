@@ -48,7 +48,11 @@ def configure_logging(everything=False):
         logging.set_verbosity(logging.INFO)
         if _from_this_project not in handler.filters:
             handler.addFilter(_from_this_project)
-        tf.get_logger().setLevel("WARNING")  # TensorFlow's own Python logger has its own handler.
+        tf.get_logger().setLevel("WARNING")
+    # TensorFlow's Python logger writes through a handler of its own and passes each line on to absl's
+    # too: every TensorFlow warning came out twice. Absl's handler alone writes them, time-stamped.
+    for own in list(tf.get_logger().handlers):
+        tf.get_logger().removeHandler(own)
     internals.quiet_deprecations()
     warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
 

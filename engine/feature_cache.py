@@ -238,13 +238,7 @@ def extract(run, lower, examples, *, directory=None):
 def _on_disk(run, lower, examples, batches, directory):
     """(count, dataset) of activations written batch by batch to TFRecord files (one serialized tensor a
     record) in a folder named by what determines them, reused when complete."""
-    key = hashlib.sha1(repr((
-        lower.output.shape, lower.output.dtype, examples.split.source.name, examples.split.source.label_subset,
-        examples.split.source.split_scheme, examples.split.name, run.config.image_size, run.worker,
-    )).encode())
-    for weight in lower.weights:
-        key.update(np.asarray(weight.numpy()).tobytes())
-    folder = os.path.join(directory, key.hexdigest()[:16])
+    folder = os.path.join(directory, folder_name(run, lower, examples))
     paths = {name: os.path.join(folder, f"{name}.tfrecord") for name in ("features", "labels", "count")}
     if not os.path.exists(paths["count"]):
         os.makedirs(folder, exist_ok=True)
@@ -267,6 +261,18 @@ def _on_disk(run, lower, examples, batches, directory):
         for name, dtype, shape in (("features", spec.dtype, [None, *spec.shape[1:]]), ("labels", tf.int64, [None]))
     ]
     return count, tf.data.Dataset.zip(tuple(parts)).unbatch()
+
+
+def folder_name(run, lower, examples):
+    """The on-disk cache's folder for `examples` below `lower`: a hash of everything that determines the
+    activations (the part's weights, the examples' source, selection rule, split and size, the worker)."""
+    key = hashlib.sha1(repr((
+        lower.output.shape, lower.output.dtype, examples.split.source.name, examples.split.source.label_subset,
+        examples.split.source.split_scheme, examples.split.name, run.config.image_size, run.worker,
+    )).encode())
+    for weight in lower.weights:
+        key.update(np.asarray(weight.numpy()).tobytes())
+    return key.hexdigest()[:16]
 
 
 def _shape(spec):

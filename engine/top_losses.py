@@ -36,10 +36,9 @@ def find(model, examples, *, batch_size, tta=False, shown=SHOWN):
     """The `shown` examples of `examples` (pipeline.Examples of images, or of cached features with the
     model above the cut) with the highest loss, highest first."""
 
-    @tf.function
-    def predict(inputs, labels):
+    def predict(inputs, labels):  # Eagerly: one pass, no trace kept (compare runs it once per mode).
         call = lambda batch: model(batch, training=False)
-        logits = flip_averaged(call, inputs) if tta else call(inputs)
+        logits = tf.cast(flip_averaged(call, inputs) if tta else call(inputs), tf.float32)
         loss, _ = per_example_loss(labels, logits)
         if logits.shape[-1] == 1:
             positive = tf.sigmoid(logits[:, 0])

@@ -194,3 +194,21 @@ def _files(folder):
     """{path: modification time} of every file under `folder`."""
     return {os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
             for root, _, names in os.walk(folder) for name in names}
+
+
+def test_the_on_disk_cache_of_a_folder_split_changes_with_its_selection_rule():
+    """Activations cached under one way of selecting a split's examples are never read as another's."""
+    from types import SimpleNamespace
+
+    inputs = keras.Input((4,))
+    lower = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    run = SimpleNamespace(config=SimpleNamespace(image_size=32), worker=(0, 1))
+
+    def examples(scheme):
+        source = SimpleNamespace(name="folder:x", label_subset=(), split_scheme=scheme)
+        return SimpleNamespace(split=SimpleNamespace(source=source, name="train[:80%]"))
+
+    assert feature_cache.folder_name(run, lower, examples("stratified")) == feature_cache.folder_name(
+        run, lower, examples("stratified"))
+    assert feature_cache.folder_name(run, lower, examples("stratified")) != feature_cache.folder_name(
+        run, lower, examples(""))

@@ -1,6 +1,9 @@
 """launch.py as a user runs it: the offline frozen default end to end, evaluate, and bad input."""
 
 import json
+import re
+import subprocess
+import sys
 import os
 import shutil
 
@@ -482,6 +485,19 @@ def test_the_log_keeps_this_projects_info_lines_and_only_libraries_warnings():
     for library in (f"{ROOT}-venv/{site}", f"{ROOT}/venv/{site}", f"{ROOT}/engine-venv/{site}", f"/usr/{site}"):
         assert not launch._from_this_project(_record(library, std_logging.INFO)), library
         assert launch._from_this_project(_record(library, std_logging.WARNING)), library
+
+
+def test_a_tensorflow_warning_is_written_once_with_a_time_stamp():
+    script = ("import internals, launch, tensorflow as tf\n"
+              "from absl import app\n"
+              "def main(argv):\n"
+              "    launch.configure_logging()\n"
+              "    tf.get_logger().warning('a warning from TensorFlow')\n"
+              "app.run(main)\n")
+    written = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert written.returncode == 0, written.stderr
+    lines = [line for line in written.stderr.splitlines() if "a warning from TensorFlow" in line]
+    assert len(lines) == 1 and re.match(r"^\d\d:\d\d:\d\d WARNING a warning from TensorFlow$", lines[0]), lines
 
 
 def test_verbosity_opens_the_log_to_every_library():

@@ -18,41 +18,98 @@ from models import imagenet
 from models.classifier import trained_image_size
 
 
-def _top_losses_by_hand(run_dir, config):
-    """The test split's per-example losses, computed by a plain Keras model.keras over the same images."""
-    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
-    source = sources.open_source(config)
+def _by_hand(run_dir, config, *, tta):
+    """(losses, logits, labels) of the test split, computed by a plain Keras model.keras over the same
+    images (with --tta, the mean of each image's and its mirror image's logits)."""
     from data import pipeline
 
+    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
+    source = sources.open_source(config)
     examples = pipeline.prepare(source.split(config.test_split, "test_split"), image_size=config.image_size)
-    losses = []
+    all_logits, all_labels = [], []
     for images, labels in examples.dataset.batch(64):
         logits = model(images, training=False)
-        losses += list(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy())
-    return np.array(losses)
+        if tta:
+            logits = (logits + model(tf.image.flip_left_right(images), training=False)) / 2
+        all_logits.append(np.asarray(logits))
+        all_labels.append(labels.numpy())
+    logits, labels = np.concatenate(all_logits), np.concatenate(all_labels)
+    losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy()
+    return losses, logits, labels
+
+
+def _check_listed(listed, config, classes, losses, logits, labels):
+    order = np.argsort(-losses, kind="stable")[:16]
+    assert len(listed) == 16
+    np.testing.assert_allclose([row["loss"] for row in listed], losses[order], rtol=1e-4)
+    assert [row["example"] for row in listed] == [f"{config.test_split}[{index}]" for index in order]
+    probabilities = keras.ops.softmax(logits).numpy()
+    for row, index in zip(listed, order):
+        assert row["label"] == classes[labels[index]]
+        assert row["predicted"] == classes[int(np.argmax(logits[index]))]
+        assert row["probability"] == pytest.approx(float(probabilities[index].max()), rel=1e-4)
 
 
 def test_the_test_s_highest_losses_are_drawn_and_listed_after_training_and_evaluate(tiny, tmp_path):
     run_dir = tmp_path / "run"
-    config = tiny(epochs=1)
+    config = tiny(epochs=1, tta=True)
     results = train_run(config, run_dir)
-    listed = results["test_top_losses"]
-    assert len(listed) == 16 and (run_dir / "top_losses.png").stat().st_size > 10_000
-    expected = _top_losses_by_hand(run_dir, config)
-    order = np.argsort(-expected, kind="stable")[:16]
-    np.testing.assert_allclose([row["loss"] for row in listed], expected[order], rtol=1e-4)
-    assert [row["example"] for row in listed] == [f"{config.test_split}[{index}]" for index in order]
     classes = results["class_names"]
-    assert all(row["label"] in classes and row["predicted"] in classes and 0 < row["probability"] <= 1 for row in listed)
-    with tf.io.gfile.GFile(str(run_dir / "top_losses.png"), "rb") as f:
+    _check_listed(results["test_top_losses"], config, classes, *_by_hand(run_dir, config, tta=True))
+    with open(run_dir / "top_losses.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "top_losses.png").stat().st_size > 10_000
 
     (run_dir / "top_losses.png").unlink()
-    status, stderr = launch_in_process("--job=evaluate", f"--model_dir={run_dir}", f"--data_dir={config.data_dir}")
+    status, stderr = launch_in_process("--job=evaluate", f"--model_dir={run_dir}", f"--data_dir={config.data_dir}",
+                                       "--tta=false")
     assert status == 0, stderr
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
-    assert [row["example"] for row in evaluation["test_top_losses"]] == [row["example"] for row in listed]
+    _check_listed(evaluation["test_top_losses"], config, classes, *_by_hand(run_dir, config, tta=False))
     assert (run_dir / "top_losses.png").exists()
+
+
+def test_each_picture_is_titled_with_its_true_and_predicted_class():
+    from engine import top_losses
+
+    mistakes = [top_losses.Mistake(index=4, loss=1.234, label=0, predicted=1, probability=0.8),
+                top_losses.Mistake(index=2, loss=0.1, label=1, predicted=1, probability=0.9)]
+    pictures = {4: np.zeros((8, 8, 3), np.uint8), 2: np.zeros((8, 8, 1), np.uint8)}
+    drawing = top_losses.figure(mistakes, pictures, ("cat", "dog"), names={4: "/x/cat/a.jpg", 2: "/x/dog/b.jpg"},
+                                title="t")
+    titles = [axis.get_title() for axis in drawing.axes if axis.get_title()]
+    assert titles == ["true cat\npredicted dog (0.80)\nloss 1.23\na.jpg", "true dog\npredicted dog (0.90)\nloss 0.10\nb.jpg"]
+
+
+def _folder(root, counts, broken=None):
+    rng = np.random.default_rng(0)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for index in range(count):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            (root / name / f"{index}.png").write_bytes(tf.io.encode_png(pixels).numpy())
+    if broken:
+        (root / broken / "broken.png").write_bytes(b"not a png")
+
+
+@pytest.mark.parametrize("broken", [None, "dog"])
+def test_top_losses_name_files_only_where_the_names_are_exact(tiny, tmp_path, broken):
+    """Names follow the split as read; an undecodable image shifts the decoded ones, so then only positions."""
+    from engine.run_dir import RunDir
+    from engine.training import write_top_losses
+
+    _folder(tmp_path / "photos", {"cat": 12, "dog": 12}, broken=broken)
+    config = tiny(dataset=f"folder:{tmp_path / 'photos'}", label_subset=(), train_split="train", eval_split="",
+                  test_split="train", model_dir=str(tmp_path / "run"))
+    run = assembly.build(config)
+    os.makedirs(config.model_dir)
+    listed = write_top_losses(run, RunDir(config.model_dir), model=run.model, scored=run.splits["test"], step=0,
+                              title="untrained")
+    assert len(listed) == 16
+    if broken:
+        assert all(isinstance(row["example"], int) for row in listed)
+    else:
+        assert all(os.path.basename(os.path.dirname(row["example"])) == row["label"] for row in listed)
 
 
 def test_weights_trained_at_another_image_size_are_warned_about(tiny, pretrained_run, tmp_path, caplog):
@@ -73,16 +130,16 @@ def test_weights_trained_at_another_image_size_are_warned_about(tiny, pretrained
 
 def test_a_class_with_few_training_images_is_warned_about(tiny, tmp_path, caplog):
     rng = np.random.default_rng(0)
-    for name, count in (("many", 30), ("few", 6)):
+    for name, count in (("many", 10), ("few", 9)):
         (tmp_path / name).mkdir()
         for index in range(count):
             pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
             (tmp_path / name / f"{index}.png").write_bytes(tf.io.encode_png(pixels).numpy())
     config = tiny(dataset=f"folder:{tmp_path}", label_subset=(), train_split="train", eval_split="", test_split="",
-                  model_dir=str(tmp_path / "run"))
+                  model_dir=str(tmp_path / "run"), batch_size=4)
     with caplog.at_level("INFO"):
         assembly.build(config)
-    assert "train: few training images of few (6): a class with fewer than 10" in caplog.text
+    assert "train: few training images of few (9): a class with fewer than 10" in caplog.text
     assert "many (" not in caplog.text
 
 

@@ -160,10 +160,13 @@ class Augmentation:
 
     def __init__(self, mode="none", mixup=0.0, cutmix=0.0, num_classes=2):
         self.mode, self.num_classes = mode, num_classes
-        self.randaugment = keras.layers.RandAugment(value_range=(0, 255)) if mode == "randaugment" else None
+        # float32 whatever the global policy: Keras layers built under mixed_float16 (--precision, auto on
+        # GPUs) compute in float16, which MixUp and CutMix cannot mix with their float32 draws.
+        pixels = dict(dtype="float32")
+        self.randaugment = keras.layers.RandAugment(value_range=(0, 255), **pixels) if mode == "randaugment" else None
         self.mixers = [layer for layer in (
-            keras.layers.MixUp(alpha=mixup) if mixup else None,
-            keras.layers.CutMix(factor=cutmix) if cutmix else None,
+            keras.layers.MixUp(alpha=mixup, **pixels) if mixup else None,
+            keras.layers.CutMix(factor=cutmix, **pixels) if cutmix else None,
         ) if layer is not None]
 
     @classmethod

@@ -5,6 +5,7 @@ import json
 import hashlib
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -250,6 +251,22 @@ def test_randaugment_and_mixing_are_pure_functions_of_the_seed_and_epoch(subset)
             assert len(second[0]) == 2
             assert not np.array_equal(images, np.concatenate([b[0] for b in flipped]))
         assert not np.array_equal(images, np.concatenate([batch[0] for batch in first]))
+
+
+def test_augmentation_computes_in_float32_under_a_mixed_precision_policy(subset):
+    """What --precision=mixed_float16 (auto's choice on GPUs) sets globally must not reach the input
+    pipeline: MixUp and CutMix failed there ('y' of Mul float16 against float32), RandAugment would round."""
+    examples = pipeline.prepare(subset.split("test[:48]", "train_split"), image_size=32)
+    kinds = [dict(mode="randaugment"), dict(mixup=0.4, num_classes=3), dict(cutmix=1.0, num_classes=3),
+             dict(mode="flip", mixup=0.4, cutmix=1.0, num_classes=3)]
+    expected = [_epochs(examples, count=1, augmentation=pipeline.Augmentation(**kind), shuffle_buffer=1) for kind in kinds]
+    keras.mixed_precision.set_global_policy("mixed_float16")  # The autouse fixture restores float32.
+    for kind, (batches,) in zip(kinds, expected):
+        (mixed_policy,) = _epochs(examples, count=1, augmentation=pipeline.Augmentation(**kind), shuffle_buffer=1)
+        for a, b in zip(batches, mixed_policy):
+            for x, y in zip(a, b):
+                assert x.dtype == y.dtype
+                np.testing.assert_array_equal(x, y, err_msg=str(kind))
 
 
 def test_file_cache_is_written_once_and_reused(subset, tmp_path):

@@ -255,7 +255,9 @@ def same_model_fit(run, variables):
     if {id(variable) for variable in model.trainable_variables} != {id(variable) for variable in variables}:
         raise RuntimeError("model.fit would train other variables than the engine")
     with devices.strategy.scope():
-        _compile(model, run, jit_compile=devices.jit_compile)
+        # Without XLA under several replicas: Keras' fit with jit_compile and loss scaling under MirroredStrategy
+        # fails with a merge_call RuntimeError (keras-team/keras#21366).
+        _compile(model, run, jit_compile=devices.jit_compile and devices.num_replicas == 1)
     data = pipeline.train_dataset(
         run.splits["train"], batch_size=config.batch_size, batches_per_epoch=run.steps_per_epoch, seed=config.seed,
         epochs=1, augmentation=pipeline.Augmentation.of(config, run.source.num_classes),

@@ -228,7 +228,7 @@ class Config:
         "auto", "auto: mixed_float16 on GPUs of compute capability >= 7.0, else float32.",
         choices=PRECISIONS,
     )
-    jit_compile: str = _option("auto", "XLA for the per-replica step; auto: on GPU only.", choices=AUTO_TRUE_FALSE)
+    jit_compile: str = _option("auto", "XLA for the per-replica step; auto: on one GPU only (not with several replicas: README, Multi-GPU).", choices=AUTO_TRUE_FALSE)
     fused_batchnorm: str = _option(
         "auto",
         "BatchNorm layers that train run as TensorFlow's fused kernel in the engine's steps; auto: on CPU, "

@@ -3,7 +3,7 @@ engine's steps call the model (engine/compiled_forward.py).
 
 `auto` picks what was measured fastest on each kind of device (figures in README.md): on GPUs,
 MirroredStrategy over several (OneDeviceStrategy on one: its input iterator prefetches batches onto the
-GPU), mixed float16 (compute capability >= 7.0) and XLA on the per-replica step; on one CPU, the default
+GPU), mixed float16 (compute capability >= 7.0) and, on one GPU, XLA on the per-replica step; on one CPU, the default
 strategy (no distribution: within noise of OneDeviceStrategy where measured, and nothing added),
 float32 without XLA (both measured slower there), fused BatchNorm and frozen weights as graph constants
 (measured faster there: fused BatchNorm with oneDNN's kernels, which internals.py turns on for x86-64;
@@ -141,7 +141,11 @@ def configure(config):
         precision = "mixed_bfloat16" if kind == "TPU" else precision
     keras.mixed_precision.set_global_policy(precision)
 
-    jit_compile = {"auto": kind == "GPU", "true": True, "false": False}[config.jit_compile]
+    # XLA on one GPU only: with several replicas tf.distribute drops merge_call inside XLA (the path Keras 3's
+    # loss scaling has not been seen to run: README, Multi-GPU), Keras 3 turns XLA off there itself, and
+    # per-replica XLA has open reports of thread exhaustion after many steps. --jit_compile=true forces it.
+    jit_compile = {"auto": kind == "GPU" and strategy.num_replicas_in_sync == 1, "true": True,
+                   "false": False}[config.jit_compile]
     fused_batchnorm = {"auto": kind == "CPU", "true": True, "false": False}[config.fused_batchnorm]
     onednn = internals.onednn_enabled()
     if config.deterministic:

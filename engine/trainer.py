@@ -6,7 +6,8 @@ and times --class_weight's weight of the example's class; evaluation reports the
 unweighted), averaged over the *global* batch
 (`tf.nn.compute_average_loss`), so summing gradients across replicas (the optimizer's all-reduce) gives
 the gradient of the global batch's mean loss whatever the replica count. Under mixed float16 the loss is
-scaled with the Keras 3 `LossScaleOptimizer.scale_loss`; `apply` unscales and skips non-finite steps.
+scaled with the Keras 3 `LossScaleOptimizer.scale_loss`; `apply` unscales and skips non-finite steps, which
+every replica decides alike (`agreed_gradients`).
 
 One home for evaluation: steps return sums of (loss, correct, examples), per class in evaluation,
 reduced with SUM across replicas and workers, so every metric (per-class accuracy included) is exact
@@ -14,6 +15,7 @@ for any replica count, worker count and partial final batch.
 """
 
 from absl import logging
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -66,6 +68,20 @@ def balanced_class_weights(class_counts):
     classes (scikit-learn's "balanced", n / (classes x n_c), rescaled so the mean weight is 1)."""
     inverse = 1.0 / np.asarray(class_counts, np.float64)
     return (inverse / inverse.mean()).astype(np.float32)
+
+
+def agreed_gradients(gradients):
+    """Gradients whose finiteness every replica judges alike: if any replica's are not finite, every
+    replica's become NaN. Keras 3's LossScaleOptimizer checks each replica's own gradients, before they are
+    summed: with merge_call replica 0 alone decides (another's inf is then summed into every weight),
+    without it (GPUs with XLA) replicas could take different branches around the all-reduce and hang.
+    One scalar all-reduce per step; call in replica context, before `apply`."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return gradients
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients if g is not None])
+    overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32)) > 0
+    return [g if g is None else tf.where(overflowed, tf.constant(float("nan"), g.dtype), g) for g in gradients]
 
 
 def _sums(loss, correct, weights):
@@ -124,6 +140,8 @@ class Trainer:
                 objective += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
             scaled = self.optimizer.scale_loss(objective)
         gradients = tape.gradient(scaled, self.variables)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            gradients = agreed_gradients(gradients)
         self.optimizer.apply(gradients, self.variables)
         return tf.reduce_sum(_sums(loss, correct, tf.ones_like(loss)), axis=0)
 

@@ -114,3 +114,36 @@ def load_weights_file(path):
     backbone = BACKBONES["small_cnn"].build((32, 32, 3), None, 1.0)
     backbone.load_weights(path)
     return {weight.path: weight.numpy() for weight in backbone.weights}
+
+
+def step_with_an_overflow_on_one_replica(strategy):
+    """One mixed_float16 SGD step on two replicas whose batch overflows float16 on the second replica only
+    (all-255 images through a large kernel) and not on the first (zeros). Returns ({variable path: its
+    values on each replica}, the loss scale on each replica, the initial loss scale)."""
+    import keras
+    import numpy as np
+
+    from engine.optimizer import make_optimizer
+    from engine.trainer import Trainer
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            inputs = keras.Input((2, 2, 1), dtype="uint8")
+            x = keras.layers.Flatten()(keras.ops.cast(inputs, "float32"))
+            x = keras.layers.Dense(3, kernel_initializer=keras.initializers.Constant(100.0), name="big")(x)
+            model = keras.Model(inputs, keras.layers.Activation("linear", dtype="float32", name="logits")(x))
+            optimizer = make_optimizer(name="sgd", learning_rate=0.1, weight_decay=0.0, precision="mixed_float16",
+                                       variables=model.trainable_weights)
+        local = lambda variable: [v.numpy() for v in strategy.experimental_local_results(variable.value)]
+        initial = float(local(optimizer.dynamic_scale)[0])
+        trainer = Trainer(model=model, optimizer=optimizer, strategy=strategy, global_batch_size=4,
+                          variables=model.trainable_weights)
+        images = np.concatenate([np.zeros((2, 2, 2, 1), np.uint8), np.full((2, 2, 2, 1), 255, np.uint8)])
+        batch = tf.data.Dataset.from_tensors((images, np.array([0, 1, 0, 1]))).repeat()
+        trainer.train_steps(iter(strategy.experimental_distribute_dataset(batch)), tf.constant(1))
+        weights = {w.path: [value.tolist() for value in local(w)] for w in model.trainable_weights}
+        scales = [float(value) for value in local(optimizer.dynamic_scale)]
+        return weights, scales, initial
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

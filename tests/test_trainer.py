@@ -361,3 +361,20 @@ def test_ema_run_saves_and_tests_the_averaged_weights_and_leaves_frozen_weights_
     plain = Trainer(model=run.model, optimizer=keras.optimizers.SGD(), strategy=run.devices.strategy,
                     global_batch_size=8, variables=[])
     assert evaluate_split(run, plain, run.splits["test"])["accuracy"] == results["test_accuracy"]
+
+
+def _assert_the_replicas_skipped_together(weights, scales, initial):
+    for path, replicas in weights.items():
+        assert np.all(np.isfinite(replicas)), f"{path} took another replica's overflow"
+        for other in replicas[1:]:
+            np.testing.assert_array_equal(replicas[0], other, err_msg=f"{path} differs across replicas")
+    assert scales == [initial / 2] * len(scales), scales
+
+
+def test_an_overflow_on_one_replica_makes_every_replica_skip_the_step_and_halve_the_scale():
+    """Keras 3's LossScaleOptimizer judges each replica's own gradients; with merge_call the first replica's
+    finite ones decided, and the second's inf was summed into every weight."""
+    from helpers import step_with_an_overflow_on_one_replica
+
+    _assert_the_replicas_skipped_together(*step_with_an_overflow_on_one_replica(two_devices()))
+

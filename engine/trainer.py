@@ -114,6 +114,13 @@ class Trainer:
             model, frozen=trainability.frozen_weights(model, self.variables), constants=frozen_as_constants,
             fused_batchnorm=fused_batchnorm,
         )
+        # BatchNorm layers that train update their moving statistics on each replica from its own batch
+        # (Keras creates them with aggregation "none"): `_train_steps` averages them across replicas.
+        self.moving_statistics = [
+            weight for layer in trainability.all_layers(model)
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+            for weight in (layer.moving_mean, layer.moving_variance)
+        ] if strategy.num_replicas_in_sync > 1 else []
         replica_step = self._replica_train_step
         if jit_compile:  # XLA on the per-replica computation only, not on the distribution.
             replica_step = tf.function(replica_step, jit_compile=True)
@@ -147,13 +154,18 @@ class Trainer:
 
     def _train_steps(self, iterator, num_steps):
         """Runs `num_steps` global steps in one call (a tf.range loop); returns summed (loss, correct,
-        examples)."""
+        examples). Then every replica's BatchNorm moving statistics become their mean across replicas: a
+        moving average is linear, so that is the average of the replicas' batch statistics step by step,
+        and checkpoints, model.keras and evaluation on any replica see the same statistics."""
         totals = tf.zeros([3], tf.float64)
         with self.forward.fusing():
             for _ in tf.range(num_steps):
                 batch = next(iterator)  # (images, labels), and the mixed labels with --mixup, --cutmix.
                 per_replica = self.strategy.run(self._replica_step, args=tuple(batch))
                 totals += self.strategy.reduce(_SUM, per_replica, axis=None)
+        for statistic in self.moving_statistics:
+            replicas = self.strategy.experimental_local_results(statistic.value)
+            statistic.value.assign(tf.add_n([tf.convert_to_tensor(value) for value in replicas]) / len(replicas))
         return totals
 
     def _replica_eval_step(self, images, labels, weights):

@@ -378,3 +378,27 @@ def test_an_overflow_on_one_replica_makes_every_replica_skip_the_step_and_halve_
 
     _assert_the_replicas_skipped_together(*step_with_an_overflow_on_one_replica(two_devices()))
 
+
+
+def test_batchnorm_moving_statistics_agree_across_replicas():
+    """Each replica updates its BatchNorm statistics from its own half of the batch; after a training call
+    they hold the same values, the mean of the replicas' (what one replica would average from the whole)."""
+    strategy = two_devices()
+    with strategy.scope():
+        keras.utils.set_random_seed(2)
+        model = build_classifier(backbone="small_cnn", image_size=8, channels=1, num_classes=3)
+        variables = trainability.apply(model, mode="scratch")
+        optimizer = make_optimizer(name="sgd", learning_rate=0.01, weight_decay=0.0, precision="float32",
+                                   variables=variables)
+    trainer = Trainer(model=model, optimizer=optimizer, strategy=strategy, global_batch_size=8, variables=variables)
+    rng = np.random.default_rng(3)  # The two halves differ: dark images on one replica, bright on the other.
+    images = np.concatenate([rng.integers(0, 60, (4, 8, 8, 1)), rng.integers(180, 256, (4, 8, 8, 1))]).astype("uint8")
+    batch = tf.data.Dataset.from_tensors((images, np.array([0, 1, 2, 0, 1, 2, 0, 1]))).repeat()
+    trainer.train_steps(iter(strategy.experimental_distribute_dataset(batch)), tf.constant(3))
+    statistics = [layer.moving_mean for layer in trainability.all_layers(model)
+                  if isinstance(layer, keras.layers.BatchNormalization)]
+    assert statistics
+    for statistic in statistics:
+        first, second = (value.numpy() for value in strategy.experimental_local_results(statistic.value))
+        np.testing.assert_array_equal(first, second, err_msg=statistic.path)
+        assert np.any(first != 0), statistic.path

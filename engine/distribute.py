@@ -103,8 +103,31 @@ def _cluster(config):
     return strategy, resolver, chiefs + workers, index, is_chief
 
 
+# One strategy per process and kind: --job=compare and benchmark assemble a run per mode, and strategies
+# created side by side start their collective instance keys at the same base, so the all-reduces of two
+# strategies could be matched with each other (on GPUs, where the default cross-device ops are collective).
+_STRATEGIES = {}
+
+
+def _strategy(config, strategy_name, devices, kind):
+    """(strategy, cluster resolver, workers, worker index, is chief) for a resolved --strategy."""
+    if strategy_name in ("multi_worker", "tpu"):
+        return _cluster(config)
+    if strategy_name == "mirrored":
+        # Logical CPU devices share one host: reduce on it. (Collective ops would also work, but their
+        # instance keys clash when one process creates several strategies, as the tests do.)
+        cross_device_ops = tf.distribute.ReductionToOneDevice() if kind == "CPU" else None
+        strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
+    elif strategy_name == "one_device":
+        strategy = tf.distribute.OneDeviceStrategy(devices[0])
+    else:
+        strategy = tf.distribute.get_strategy()
+    return strategy, None, 1, 0, True
+
+
 def configure(config):
-    """Creates the strategy and sets the global Keras precision policy; logs every decision."""
+    """Creates the strategy (once per process and kind: later runs reuse it) and sets the global Keras
+    precision policy; logs every decision."""
     try:  # Every tf.distribute strategy reads it, not only multi_worker.
         json.loads(os.environ.get("TF_CONFIG") or "{}")
     except json.JSONDecodeError as error:
@@ -118,22 +141,15 @@ def configure(config):
     else:
         devices = [f"/cpu:{index}" for index in range(config.cpu_replicas)]
 
-    resolver, num_workers, worker_index, is_chief = None, 1, 0, True
     strategy_name = config.strategy
     if strategy_name == "auto":
         strategy_name = "mirrored" if len(devices) > 1 else "one_device" if kind == "GPU" else "default"
-    if strategy_name in ("multi_worker", "tpu"):
-        strategy, resolver, num_workers, worker_index, is_chief = _cluster(config)
-        kind = "TPU" if strategy_name == "tpu" else kind
-    elif strategy_name == "mirrored":
-        # Logical CPU devices share one host: reduce on it. (Collective ops would also work, but their
-        # instance keys clash when one process creates several strategies, as the tests do.)
-        cross_device_ops = tf.distribute.ReductionToOneDevice() if kind == "CPU" else None
-        strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
-    elif strategy_name == "one_device":
-        strategy = tf.distribute.OneDeviceStrategy(devices[0])
-    else:
-        strategy = tf.distribute.get_strategy()
+    key = (strategy_name, tuple(devices), config.tpu if strategy_name == "tpu" else "",
+           os.environ.get("TF_CONFIG", "") if strategy_name == "multi_worker" else "")
+    if key not in _STRATEGIES:
+        _STRATEGIES[key] = _strategy(config, strategy_name, devices, kind)
+    strategy, resolver, num_workers, worker_index, is_chief = _STRATEGIES[key]
+    kind = "TPU" if strategy_name == "tpu" else kind
 
     precision = config.precision
     if precision == "auto":

@@ -37,6 +37,20 @@ def test_cpu_replicas_mirror_over_logical_cpu_devices():
     assert devices.precision == "float32" and not devices.jit_compile
 
 
+def test_every_run_of_a_process_reuses_its_strategy(monkeypatch):
+    """--job=compare and benchmark assemble a run per mode: a second MirroredStrategy beside the first would
+    start its collective keys where the first's did."""
+    created = []
+    original = tf.distribute.MirroredStrategy
+    monkeypatch.setattr(tf.distribute, "MirroredStrategy", lambda *a, **k: created.append(1) or original(*a, **k))
+    monkeypatch.setattr(distribute, "_STRATEGIES", {})
+    first = distribute.configure(tiny_config(cpu_replicas=2, precision="float32"))
+    second = distribute.configure(tiny_config(cpu_replicas=2, precision="mixed_float16", mode="frozen"))
+    assert second.strategy is first.strategy and len(created) == 1
+    assert second.precision == "mixed_float16"  # Every other decision is still the run's own.
+    assert distribute.configure(tiny_config(strategy="one_device")).strategy is not first.strategy
+
+
 def test_explicit_precision_sets_the_keras_policy():
     devices = distribute.configure(tiny_config(precision="mixed_bfloat16"))
     assert devices.precision == "mixed_bfloat16"

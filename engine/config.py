@@ -228,7 +228,8 @@ class Config:
         "auto", "auto: mixed_float16 on GPUs of compute capability >= 7.0, else float32.",
         choices=PRECISIONS,
     )
-    jit_compile: str = _option("auto", "XLA for the per-replica step; auto: on one GPU only (not with several replicas: README, Multi-GPU).", choices=AUTO_TRUE_FALSE)
+    jit_compile: str = _option("auto", "XLA for the per-replica step; auto: on one GPU only (not with several replicas: README, Multi-GPU; "
+        "nor with --deterministic).", choices=AUTO_TRUE_FALSE)
     fused_batchnorm: str = _option(
         "auto",
         "BatchNorm layers that train run as TensorFlow's fused kernel in the engine's steps; auto: on CPU, "
@@ -474,6 +475,11 @@ def validate(config):
         raise ConfigError("loss_upper_bound", config.loss_upper_bound, "must be positive")
     if config.checkpoint_every < 0:
         raise ConfigError("checkpoint_every", config.checkpoint_every, "must not be negative")
+    if config.jit_compile == "true" and config.deterministic:
+        raise ConfigError(
+            "jit_compile", "true",
+            "XLA has no deterministic implementation of some gradients (MaxPool's): drop --deterministic or XLA",
+        )
     if config.jit_compile == "true" and config.cpu_replicas > 1:
         raise ConfigError(
             "jit_compile", "true",

@@ -160,8 +160,10 @@ def configure(config):
     # XLA on one GPU only: with several replicas tf.distribute drops merge_call inside XLA (the path Keras 3's
     # loss scaling has not been seen to run: README, Multi-GPU), Keras 3 turns XLA off there itself, and
     # per-replica XLA has open reports of thread exhaustion after many steps. --jit_compile=true forces it.
-    jit_compile = {"auto": kind == "GPU" and strategy.num_replicas_in_sync == 1, "true": True,
-                   "false": False}[config.jit_compile]
+    # Nor under --deterministic: XLA has no deterministic gradient for some ops (MaxPool's, in small_cnn's
+    # blocks and ResNet50's stem).
+    jit_compile = {"auto": kind == "GPU" and strategy.num_replicas_in_sync == 1 and not config.deterministic,
+                   "true": True, "false": False}[config.jit_compile]
     fused_batchnorm = {"auto": kind == "CPU", "true": True, "false": False}[config.fused_batchnorm]
     onednn = internals.onednn_enabled()
     if config.deterministic:

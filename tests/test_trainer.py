@@ -402,3 +402,30 @@ def test_batchnorm_moving_statistics_agree_across_replicas():
         first, second = (value.numpy() for value in strategy.experimental_local_results(statistic.value))
         np.testing.assert_array_equal(first, second, err_msg=statistic.path)
         assert np.any(first != 0), statistic.path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [
+    dict(mode="scratch", label_smoothing=0.1, class_weight="balanced", mixup=0.2, cutmix=1.0, ema=0.9,
+         optimizer="adamw", weight_decay=1e-4, fused_batchnorm="true"),
+    dict(mode="finetune", unfreeze=3, bn="train", backbone_lr_mult=0.5, fused_batchnorm="false"),  # Cached below.
+    dict(mode="lora", lora_rank=2),
+], ids=["scratch-every-loss-option", "finetune-feature-cache", "lora"])
+def test_the_steps_compile_with_xla_under_mixed_float16_with_every_option(tiny, pretrained_run, tmp_path, options):
+    """What a GPU runs: any op XLA cannot compile, or a float16/float32 mismatch, shows up here first."""
+    from tensorflow.python.framework import config as tf_config  # Op determinism is process-wide: off here.
+
+    weights = pretrained_run if options["mode"] != "scratch" else "none"
+    config = tiny(jit_compile="true", precision="mixed_float16", weights=weights, epochs=2, steps_per_epoch=3,
+                  deterministic=False, **options)
+    was_deterministic = tf_config.is_op_determinism_enabled()
+    tf_config.disable_op_determinism()
+    try:
+        results = train_run(config, tmp_path / "run")
+    finally:
+        if was_deterministic:
+            tf.config.experimental.enable_op_determinism()
+    assert results["devices"]["precision"] == "mixed_float16" and results["devices"]["jit_compile"]
+    assert np.isfinite(results["train_loss"]) and np.isfinite(results["test_loss"])
+    assert results["trainability_audit"]["frozen_changed"] == 0
+    assert (results["feature_cache"] is not None) == (options["mode"] == "finetune")

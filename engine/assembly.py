@@ -20,10 +20,12 @@ import tensorflow as tf
 from data import pipeline, sources
 from engine import distribute
 from engine.checkpoints import Checkpoints
+from engine.run_dir import read_flagfile
 from engine.optimizer import learning_rate_schedule, make_optimizer
 from errors import ConfigError, named
 from models import modes, trainability
-from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights, trained_image_size
+from models.backbones import BACKBONES
+from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights
 
 SPLITS = ("train", "eval", "test")
 FEW_IMAGES = 10  # Training images of a class below which a run warns.
@@ -132,16 +134,17 @@ def build(config, *, pretrained=True):
         )
 
     mode, weights = modes.of_run(config.mode, config.head_epochs), config.weights
+    trained_at = trained_image_size(weights, config.backbone) if mode.pretrained and weights != "none" else None
     if not mode.pretrained and weights != "none":
         logging.info("%s mode: the backbone starts from random weights (--weights=%s unused)", mode.name, weights)
         weights = "none"
     elif mode.pretrained and weights == "none":
         logging.warning("--mode=%s with --weights=none: the backbone is random, not pretrained", config.mode)
-    elif mode.pretrained and trained_image_size(weights, config.backbone) not in (None, config.image_size):
+    elif trained_at not in (None, config.image_size):
         logging.warning(
             "--image_size=%d: the backbone's weights (--weights=%s) were trained at %d px; at another size its "
             "features fit the images less well (set --image_size=%d unless speed matters more)", config.image_size,
-            weights, trained_image_size(weights, config.backbone), trained_image_size(weights, config.backbone))
+            weights, trained_at, trained_at)
     keras.utils.set_random_seed(config.seed)  # Here, after data preparation, which may draw numbers.
     with devices.strategy.scope():
         model = build_classifier(
@@ -183,6 +186,20 @@ def build(config, *, pretrained=True):
         config=config, devices=devices, source=source, splits=splits, steps_per_epoch=steps_per_epoch,
         model=model, trained_variables=trained, optimizer=optimizer, state=state, checkpoints=checkpoints,
     )
+
+
+def trained_image_size(weights, backbone):
+    """The image size the backbone weights of `--weights=weights` were trained at, where it is known:
+    ImageNet's, the backbone's own size; an earlier run's (its directory, or a file in it), its flags.txt's
+    --image_size. None otherwise (a file from elsewhere)."""
+    if weights == "imagenet":
+        return BACKBONES[backbone].default_image_size
+    run = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
+    try:
+        size = read_flagfile(os.path.join(run, "flags.txt")).get("image_size", "")
+    except OSError:
+        return None
+    return int(size) if size.strip().isdigit() else None
 
 
 def _prepare(config, source, worker, name):

@@ -105,21 +105,6 @@ def load_backbone_weights(model, source):
         raise ConfigError("weights", source, f"does not fit this backbone: {first_line(partial[0].message)}")
 
 
-def trained_image_size(weights, backbone):
-    """The image size the backbone weights of `--weights=weights` were trained at, where it is known:
-    ImageNet's, the backbone's own size; an earlier run's (its directory, or a file in it), its flags.txt's
-    --image_size. None otherwise (a file from elsewhere)."""
-    if weights == "imagenet":
-        return BACKBONES[backbone].default_image_size
-    run = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
-    try:
-        with open(os.path.join(run, "flags.txt"), encoding="utf-8") as flags:
-            sizes = [line.strip().partition("=")[2] for line in flags if line.startswith("--image_size=")]
-    except OSError:
-        return None
-    return int(sizes[-1]) if sizes and sizes[-1].strip().isdigit() else None
-
-
 def _copy_weights(donor, target):
     donor_weights, target_weights = donor.weights, target.weights
     if len(donor_weights) != len(target_weights):

@@ -13,9 +13,9 @@ import tensorflow as tf
 
 from data import sources
 from engine import assembly
+from engine.assembly import trained_image_size
 from helpers import launch_in_process, replace, tiny_flags, train_run
 from models import imagenet
-from models.classifier import trained_image_size
 
 
 def _by_hand(run_dir, config, *, tta):

@@ -480,11 +480,6 @@ def validate(config):
             "jit_compile", "true",
             "XLA has no deterministic implementation of some gradients (MaxPool's): drop --deterministic or XLA",
         )
-    if config.jit_compile == "true" and config.cpu_replicas > 1:
-        raise ConfigError(
-            "jit_compile", "true",
-            "XLA cannot run MirroredStrategy over logical CPU devices; use --cpu_replicas=1",
-        )
     weights = config.weights
     if weights not in ("imagenet", "none") and not os.path.exists(weights):
         raise ConfigError("weights", weights, "no such file or run directory")

@@ -121,10 +121,16 @@ class Trainer:
             if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
             for weight in (layer.moving_mean, layer.moving_variance)
         ] if strategy.num_replicas_in_sync > 1 else []
-        replica_step = self._replica_train_step
-        if jit_compile:  # XLA on the per-replica computation only, not on the distribution.
-            replica_step = tf.function(replica_step, jit_compile=True)
-        self._replica_step = replica_step
+        # XLA compiles per replica, never around the distribution. On one replica it takes the whole step; on
+        # several, the forward and backward pass only: a synchronisation inside an XLA function (the
+        # optimizer's all-reduce, its `iterations` update, the loss-scale agreement) takes tf.distribute's
+        # path without merge_call on GPUs, where Keras 3's optimizer fails ("merge_call called while defining
+        # a new graph"), even in float32.
+        self._gradients, self._replica_step = self._replica_gradients, self._replica_train_step
+        if jit_compile and strategy.num_replicas_in_sync == 1:
+            self._replica_step = tf.function(self._replica_train_step, jit_compile=True)
+        elif jit_compile:
+            self._gradients = tf.function(self._replica_gradients, jit_compile=True)
         self.train_steps = tf.function(self._train_steps)
         self._evaluate_traced = tf.function(self._evaluate)
 
@@ -136,6 +142,14 @@ class Trainer:
 
     def _replica_train_step(self, images, labels, targets=None):
         """One step on a replica's batch; `targets`: the batch's mixed labels (--mixup, --cutmix)."""
+        gradients, sums = self._gradients(images, labels, targets)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            gradients = agreed_gradients(gradients)
+        self.optimizer.apply(gradients, self.variables)
+        return sums
+
+    def _replica_gradients(self, images, labels, targets=None):
+        """The (loss-scaled) gradients of a replica's batch and its sums of (loss, correct, examples)."""
         with tf.GradientTape() as tape:
             logits = self.forward(images, training=True)
             loss, correct = per_example_loss(labels, logits, self.label_smoothing, targets)
@@ -146,11 +160,7 @@ class Trainer:
             if self.model.losses:
                 objective += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
             scaled = self.optimizer.scale_loss(objective)
-        gradients = tape.gradient(scaled, self.variables)
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            gradients = agreed_gradients(gradients)
-        self.optimizer.apply(gradients, self.variables)
-        return tf.reduce_sum(_sums(loss, correct, tf.ones_like(loss)), axis=0)
+        return tape.gradient(scaled, self.variables), tf.reduce_sum(_sums(loss, correct, tf.ones_like(loss)), axis=0)
 
     def _train_steps(self, iterator, num_steps):
         """Runs `num_steps` global steps in one call (a tf.range loop); returns summed (loss, correct,

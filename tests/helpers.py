@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -100,6 +101,28 @@ def two_devices():
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
+def on_two_simulated_gpus(code, timeout=300):
+    """Runs `code` (Python, with `strategy`: a MirroredStrategy over two logical CPUs that tf.distribute
+    takes for GPUs) in a subprocess; returns its last line of output, parsed as JSON. An XLA function
+    passed to `strategy.run` then runs per replica, and tf.distribute's synchronisation inside it takes the
+    path without merge_call (MirroredExtended._use_merge_call), as on a GPU box. A hang fails (timeout)."""
+    script = "\n".join([
+        "import json, sys",
+        f"sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]",
+        "import internals",
+        "import tensorflow as tf",
+        "from tensorflow.python.distribute import mirrored_run, mirrored_strategy",
+        "from engine import distribute",
+        "distribute.split_cpu(2)",
+        "mirrored_run._is_gpu_device = mirrored_strategy._is_gpu_device = lambda device: True",
+        "strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])",
+        code,
+    ])
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def train_run(config, model_dir):
     """Runs the train job in-process into `model_dir`; returns results.json as a dict."""
     from engine import training
@@ -116,7 +139,7 @@ def load_weights_file(path):
     return {weight.path: weight.numpy() for weight in backbone.weights}
 
 
-def step_with_an_overflow_on_one_replica(strategy):
+def step_with_an_overflow_on_one_replica(strategy, jit_compile=False):
     """One mixed_float16 SGD step on two replicas whose batch overflows float16 on the second replica only
     (all-255 images through a large kernel) and not on the first (zeros). Returns ({variable path: its
     values on each replica}, the loss scale on each replica, the initial loss scale)."""
@@ -138,7 +161,7 @@ def step_with_an_overflow_on_one_replica(strategy):
         local = lambda variable: [v.numpy() for v in strategy.experimental_local_results(variable.value)]
         initial = float(local(optimizer.dynamic_scale)[0])
         trainer = Trainer(model=model, optimizer=optimizer, strategy=strategy, global_batch_size=4,
-                          variables=model.trainable_weights)
+                          variables=model.trainable_weights, jit_compile=jit_compile)
         images = np.concatenate([np.zeros((2, 2, 2, 1), np.uint8), np.full((2, 2, 2, 1), 255, np.uint8)])
         batch = tf.data.Dataset.from_tensors((images, np.array([0, 1, 0, 1]))).repeat()
         trainer.train_steps(iter(strategy.experimental_distribute_dataset(batch)), tf.constant(1))

@@ -371,12 +371,49 @@ def _assert_the_replicas_skipped_together(weights, scales, initial):
     assert scales == [initial / 2] * len(scales), scales
 
 
-def test_an_overflow_on_one_replica_makes_every_replica_skip_the_step_and_halve_the_scale():
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_an_overflow_on_one_replica_makes_every_replica_skip_the_step_and_halve_the_scale(jit_compile):
     """Keras 3's LossScaleOptimizer judges each replica's own gradients; with merge_call the first replica's
     finite ones decided, and the second's inf was summed into every weight."""
     from helpers import step_with_an_overflow_on_one_replica
 
-    _assert_the_replicas_skipped_together(*step_with_an_overflow_on_one_replica(two_devices()))
+    _assert_the_replicas_skipped_together(*step_with_an_overflow_on_one_replica(two_devices(), jit_compile))
+
+
+@pytest.mark.slow
+def test_xla_on_several_gpus_trains_and_skips_an_overflow_together():
+    """On GPUs, tf.distribute runs an XLA replica function without merge_call; the optimizer's updates
+    (its `iterations`, the loss scale's cond) need merge_call, so XLA around the whole replica step failed
+    there even in float32 ("merge_call called while defining a new graph"). Simulated in a subprocess."""
+    from helpers import on_two_simulated_gpus
+
+    weights, scales, initial = on_two_simulated_gpus(
+        "from helpers import step_with_an_overflow_on_one_replica\n"
+        "print(json.dumps(step_with_an_overflow_on_one_replica(strategy, jit_compile=True)))"
+    )
+    _assert_the_replicas_skipped_together(weights, scales, initial)
+    trained = on_two_simulated_gpus(
+        "import keras, numpy as np\n"
+        "from engine.optimizer import make_optimizer\n"
+        "from engine.trainer import Trainer\n"
+        "with strategy.scope():\n"
+        "    keras.utils.set_random_seed(1)\n"
+        "    inputs = keras.Input((3,))\n"
+        "    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))\n"
+        "    optimizer = make_optimizer(name='adam', learning_rate=0.1, weight_decay=0.0, precision='float32',\n"
+        "                               variables=model.trainable_weights)\n"
+        "trainer = Trainer(model=model, optimizer=optimizer, strategy=strategy, global_batch_size=4,\n"
+        "                  variables=model.trainable_weights, jit_compile=True)\n"
+        "batch = tf.data.Dataset.from_tensors((np.eye(4, 3, dtype='float32'), np.array([0, 1, 0, 1]))).repeat()\n"
+        "trainer.train_steps(iter(strategy.experimental_distribute_dataset(batch)), tf.constant(3))\n"
+        "local = strategy.experimental_local_results\n"
+        "print(json.dumps([int(optimizer.iterations.numpy())] + [v.numpy().tolist() for w in model.weights\n"
+        "                                                        for v in local(w.value)]))"
+    )
+    iterations, *replicas = trained
+    assert iterations == 3
+    for first, second in zip(replicas[::2], replicas[1::2]):
+        assert first == second and np.all(np.isfinite(first))
 
 
 

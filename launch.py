@@ -20,7 +20,7 @@ import tensorflow as tf
 
 import errors
 from engine import config as config_lib
-from engine import jobs
+from engine import distribute, jobs
 
 config_lib.define_flags()
 flags.adopt_module_key_flags(config_lib)  # So --help lists them.
@@ -110,6 +110,8 @@ def main(argv):
     try:
         internals.check_versions()
         config = config_lib.from_flags()
+        if config.cpu_replicas > 1:  # Before any job reads data: that initialises TensorFlow's devices.
+            distribute.split_cpu(config.cpu_replicas)
         jobs.JOBS[config.job](config)
     except errors.RunError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -104,8 +104,8 @@ def _cluster(config):
 
 
 # One strategy per process and kind: --job=compare and benchmark assemble a run per mode, and strategies
-# created side by side start their collective instance keys at the same base, so the all-reduces of two
-# strategies could be matched with each other (on GPUs, where the default cross-device ops are collective).
+# created side by side start their collective instance keys at the same base, so one strategy's all-reduce
+# is matched with another's ("Shape mismatch in the collective instance 100", then every collective fails).
 _STRATEGIES = {}
 
 
@@ -114,10 +114,9 @@ def _strategy(config, strategy_name, devices, kind):
     if strategy_name in ("multi_worker", "tpu"):
         return _cluster(config)
     if strategy_name == "mirrored":
-        # Logical CPU devices share one host: reduce on it. (Collective ops would also work, but their
-        # instance keys clash when one process creates several strategies, as the tests do.)
-        cross_device_ops = tf.distribute.ReductionToOneDevice() if kind == "CPU" else None
-        strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
+        # TensorFlow's default cross-device ops: collective all-reduces, on logical CPUs (--cpu_replicas) as
+        # on GPUs (NCCL), so CPU tests run what a GPU box runs.
+        strategy = tf.distribute.MirroredStrategy(devices)
     elif strategy_name == "one_device":
         strategy = tf.distribute.OneDeviceStrategy(devices[0])
     else:
@@ -157,9 +156,9 @@ def configure(config):
         precision = "mixed_bfloat16" if kind == "TPU" else precision
     keras.mixed_precision.set_global_policy(precision)
 
-    # XLA on one GPU only: with several replicas tf.distribute drops merge_call inside XLA (the path Keras 3's
-    # loss scaling has not been seen to run: README, Multi-GPU), Keras 3 turns XLA off there itself, and
-    # per-replica XLA has open reports of thread exhaustion after many steps. --jit_compile=true forces it.
+    # XLA on one GPU only: with several replicas Keras 3 turns XLA off itself, per-replica XLA has open
+    # reports of thread exhaustion after many steps, and its gain there is unmeasured (README, Multi-GPU).
+    # --jit_compile=true forces it (engine/trainer.py compiles the replicas' forward and backward pass).
     # Nor under --deterministic: XLA has no deterministic gradient for some ops (MaxPool's, in small_cnn's
     # blocks and ResNet50's stem).
     jit_compile = {"auto": kind == "GPU" and strategy.num_replicas_in_sync == 1 and not config.deterministic,

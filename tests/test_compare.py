@@ -97,3 +97,17 @@ def test_a_failing_mode_is_reported_and_the_others_still_run(tiny, tmp_path):
 def test_compare_needs_a_finetune_rule():
     with pytest.raises(ConfigError, match="--job=compare needs exactly one of --unfreeze"):
         validate(Config(job="compare", model_dir="unused", weights="none"))
+
+
+@pytest.mark.slow
+def test_compare_on_two_replicas_runs_every_mode_with_collective_all_reduces(tiny, pretrained_run, tmp_path):
+    """--cpu_replicas=2 all-reduces with collective ops, as GPUs do; a strategy per mode would start its
+    collective keys where the previous mode's did, and the second mode's first all-reduce would be matched
+    with the first mode's ("Shape mismatch in the collective instance"). A fresh process, as a user runs it."""
+    config = tiny(job="compare", weights=pretrained_run, unfreeze=2, cpu_replicas=2, model_dir=str(tmp_path))
+    result = launch(*tiny_flags(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (tmp_path / "compare.md").read_text()
+    for mode in ["scratch", "frozen", "finetune", "lora"]:
+        assert _row(table, mode).startswith(f"| {mode} | done | "), _row(table, mode)
+        assert json.loads((tmp_path / mode / "results.json").read_text())["devices"]["replicas"] == 2

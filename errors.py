@@ -31,6 +31,13 @@ class ConfigError(RunError, ValueError):
         super().__init__(f"--{flag}={shown}: {reason}")
 
 
+class UsageError(RunError, ValueError):
+    """A command line (or the Python API's keywords) absl cannot parse: an unknown flag, a value of the wrong
+    type, a flagfile that cannot be read. Its message is absl's."""
+
+    exit_status = EXIT_USAGE
+
+
 class UnsupportedLibrary(RunError):
     """An installed library's version this project was not checked against (see internals.py)."""
 

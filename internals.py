@@ -10,12 +10,16 @@ installed versions.
 
 import contextlib
 import errno
+import logging as std_logging
 import os
 import platform
 import re
 import sys
 import tempfile
 import urllib.error
+import warnings
+
+from absl import logging as absl_logging
 
 # --- TensorFlow's process defaults, read once when its native library loads --------------------------
 # Import this module before TensorFlow (launch.py and the tests do); a variable the user set wins.
@@ -76,10 +80,56 @@ import tensorflow_datasets as tfds  # noqa: E402
 from tensorflow.python.framework import ops as tf_ops  # noqa: E402  Per-op FLOP counts: no public API has them.
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError  # noqa: E402
 
-from errors import UnsupportedLibrary, first_line  # noqa: E402
+from transfer_engine.errors import UnsupportedLibrary, first_line  # noqa: E402
 
 CHECKED = {"keras": "3.15.1", "tensorflow": "2.21.0", "tensorflow_datasets": "4.9.10"}
 _INSTALLED = {"keras": keras.__version__, "tensorflow": tf.__version__, "tensorflow_datasets": tfds.__version__}
+
+
+# Where this project's modules are: its top-level modules and its packages (setup.cfg's), no deeper.
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PROJECT_DIRS = frozenset([ROOT] + [os.path.join(ROOT, package) for package in ("engine", "models", "data")])
+
+
+def _from_this_project(record):
+    """Keeps WARNING and above from anyone, INFO from this project's modules only: absl logs every
+    library's lines through one logger, so the file a line comes from is what tells them apart (not a
+    path prefix: a virtualenv at /x/repo-venv or /x/repo/venv is not the project at /x/repo)."""
+    return record.levelno >= std_logging.WARNING or os.path.dirname(os.path.abspath(record.pathname)) in PROJECT_DIRS
+
+
+def configure_logging(everything=False):
+    """Time-stamped INFO lines from this project; libraries only speak up from WARNING. With absl's
+    --verbosity given (`everything`), its level holds for every library's lines. launch.py and the Python
+    API (on first use) call it."""
+    absl_logging.use_absl_handler()  # absl's app.run does it for launch.py; the Python API has no app.run.
+    handler = absl_logging.get_absl_handler().python_handler
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    if everything:
+        handler.removeFilter(_from_this_project)
+        tf.get_logger().setLevel(std_logging.NOTSET)
+    else:
+        absl_logging.set_verbosity(absl_logging.INFO)
+        if _from_this_project not in handler.filters:
+            handler.addFilter(_from_this_project)
+        tf.get_logger().setLevel("WARNING")
+    # TensorFlow's Python logger writes through a handler of its own and passes each line on to absl's
+    # too: every TensorFlow warning came out twice. Absl's handler alone writes them, time-stamped.
+    for own in list(tf.get_logger().handlers):
+        tf.get_logger().removeHandler(own)
+    quiet_deprecations()
+    warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
+
+
+def resolve_flagfiles(flag_values, resolve):
+    """Makes absl open every --flagfile path (a nested one too) as `resolve(path)` says: absl reads them
+    relative to the working directory only, and has no public hook (FlagValues._get_flag_file_lines)."""
+    read = type(flag_values)._get_flag_file_lines
+
+    def resolved(filename, *args, **kwargs):
+        return read(flag_values, resolve(filename), *args, **kwargs)
+
+    object.__setattr__(flag_values, "_get_flag_file_lines", resolved)  # FlagValues' own setattr sets flags.
 
 
 def onednn_enabled():

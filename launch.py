@@ -1,6 +1,7 @@
 """transfer-engine entry point.
 
     python launch.py --flagfile=configs/frozen.flags [--flag=value ...]
+    transfer-engine --flagfile=configs/frozen.flags [--flag=value ...]   # installed: the same
 
 Parses flags into one validated Config, runs the job, and turns the errors a user should read
 (errors.RunError: bad input, divergence, a failed mode of --job=compare) into one line on stderr and
@@ -8,53 +9,19 @@ their exit status (errors.py has the table), without a traceback. Anything else 
 project and keeps its traceback (exit status 1).
 """
 
-import logging as std_logging
-import os
 import sys
 import textwrap
-import warnings
 
-import internals  # First: it sets TensorFlow's process defaults, then loads TensorFlow.
-from absl import app, flags, logging
-import tensorflow as tf
+from transfer_engine import internals  # First: it sets TensorFlow's process defaults, then loads TensorFlow.
+from absl import app, flags
 
-import errors
-from engine import config as config_lib
-from engine import distribute, jobs
+from transfer_engine import errors
+from transfer_engine.engine import config as config_lib
+from transfer_engine.engine import jobs
 
 config_lib.define_flags()
+internals.resolve_flagfiles(flags.FLAGS, config_lib.shipped)  # configs/*.flags from any directory, once installed.
 flags.adopt_module_key_flags(config_lib)  # So --help lists them.
-ROOT = os.path.dirname(os.path.abspath(__file__))
-# Where this project's modules are: its top-level modules and its packages (setup.cfg's), no deeper.
-PROJECT_DIRS = frozenset([ROOT] + [os.path.join(ROOT, package) for package in ("engine", "models", "data")])
-
-
-def _from_this_project(record):
-    """Keeps WARNING and above from anyone, INFO from this project's modules only: absl logs every
-    library's lines through one logger, so the file a line comes from is what tells them apart (not a
-    path prefix: a virtualenv at /x/repo-venv or /x/repo/venv is not the project at /x/repo)."""
-    return record.levelno >= std_logging.WARNING or os.path.dirname(os.path.abspath(record.pathname)) in PROJECT_DIRS
-
-
-def configure_logging(everything=False):
-    """Time-stamped INFO lines from this project; libraries only speak up from WARNING. With absl's
-    --verbosity given (`everything`), its level holds for every library's lines."""
-    handler = logging.get_absl_handler().python_handler
-    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    if everything:
-        handler.removeFilter(_from_this_project)
-        tf.get_logger().setLevel(std_logging.NOTSET)
-    else:
-        logging.set_verbosity(logging.INFO)
-        if _from_this_project not in handler.filters:
-            handler.addFilter(_from_this_project)
-        tf.get_logger().setLevel("WARNING")
-    # TensorFlow's Python logger writes through a handler of its own and passes each line on to absl's
-    # too: every TensorFlow warning came out twice. Absl's handler alone writes them, time-stamped.
-    for own in list(tf.get_logger().handlers):
-        tf.get_logger().removeHandler(own)
-    internals.quiet_deprecations()
-    warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
 
 
 def fail(message):
@@ -95,10 +62,8 @@ def parse_flags(argv):
         sys.stdout.write(help_text())
         sys.exit(errors.EXIT_DONE)
     try:
-        return flags.FLAGS(argv)
-    except flags.CantOpenFlagFileError as error:
-        fail(f"--flagfile: {str(error).replace('ERROR:: ', '')}")
-    except flags.Error as error:
+        return config_lib.parse_args(argv, flags.FLAGS)
+    except errors.UsageError as error:
         fail(error)
 
 
@@ -106,13 +71,9 @@ def main(argv):
     """Runs the job of the parsed flags; returns the exit status."""
     if len(argv) > 1:
         fail(f"unexpected argument {argv[1]!r} (flags look like --name=value)")
-    configure_logging(everything=flags.FLAGS["verbosity"].present)
+    internals.configure_logging(everything=flags.FLAGS["verbosity"].present)
     try:
-        internals.check_versions()
-        config = config_lib.from_flags()
-        if config.cpu_replicas > 1:  # Before any job reads data: that initialises TensorFlow's devices.
-            distribute.split_cpu(config.cpu_replicas)
-        jobs.JOBS[config.job](config)
+        jobs.run(config_lib.from_flags())
     except errors.RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_status
@@ -130,5 +91,10 @@ def main(argv):
     return errors.EXIT_DONE
 
 
-if __name__ == "__main__":
+def run():
+    """The `transfer-engine` console command: `python launch.py` from anywhere."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -70,14 +70,21 @@ def options(deterministic):
 def decode(encoded, *, image_size, channels):
     """Encoded image bytes (JPEG, PNG, BMP, GIF's first frame; gray, gray+alpha, RGB or RGBA) -> uint8
     [image_size, image_size, channels]: alpha dropped, gray repeated to RGB or RGB averaged to gray."""
-    image = tf.io.decode_image(encoded, expand_animations=False)  # Its own channels: not every format converts.
-    native = tf.shape(image)[-1]
-    image = image[..., :native - 1 + native % 2]  # Without alpha: 1, 2 -> gray; 3, 4 -> RGB.
-    is_rgb = tf.shape(image)[-1] == 3
+    # Its own channels (decode_image's default): not every format converts.
+    return conform(tf.io.decode_image(encoded, expand_animations=False), image_size=image_size, channels=channels)
+
+
+def conform(image, *, image_size, channels):
+    """A uint8 image [height, width, 1 to 4 channels] as training sees it: decode's part after decoding
+    (the Python API's predict on arrays of images runs it too)."""
+    native = image.shape[-1] or tf.shape(image)[-1]  # Known (an array's) or not (a decoded file's).
+    kept = native - 1 + native % 2  # Without alpha: 1, 2 -> gray; 3, 4 -> RGB.
+    image = image[..., :kept]
+    either = lambda rgb, gray: (rgb if kept == 3 else gray)() if isinstance(kept, int) else tf.cond(kept == 3, rgb, gray)
     if channels == 1:
-        image = tf.cond(is_rgb, lambda: tf.image.rgb_to_grayscale(image), lambda: image)
+        image = either(lambda: tf.image.rgb_to_grayscale(image), lambda: image)
     else:
-        image = tf.cond(is_rgb, lambda: image, lambda: tf.image.grayscale_to_rgb(image))
+        image = either(lambda: image, lambda: tf.image.grayscale_to_rgb(image))
     image.set_shape([None, None, channels])
     if image.shape[0] != image_size or image.shape[1] != image_size:
         image = tf.image.resize(image, [image_size, image_size])

@@ -21,9 +21,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-import internals
-from data import fashion_mnist_idx
-from errors import ConfigError, first_line, named
+from transfer_engine import internals
+from transfer_engine.data import fashion_mnist_idx
+from transfer_engine.errors import ConfigError, first_line, named
 
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")

@@ -17,15 +17,15 @@ from absl import logging
 import keras
 import tensorflow as tf
 
-from data import pipeline, sources
-from engine import distribute
-from engine.checkpoints import Checkpoints
-from engine.run_dir import read_flagfile
-from engine.optimizer import learning_rate_schedule, make_optimizer
-from errors import ConfigError, named
-from models import modes, trainability
-from models.backbones import BACKBONES
-from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights
+from transfer_engine.data import pipeline, sources
+from transfer_engine.engine import distribute
+from transfer_engine.engine.checkpoints import Checkpoints
+from transfer_engine.engine.run_dir import read_flagfile
+from transfer_engine.engine.optimizer import learning_rate_schedule, make_optimizer
+from transfer_engine.errors import ConfigError, named
+from transfer_engine.models import modes, trainability
+from transfer_engine.models.backbones import BACKBONES
+from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights
 
 SPLITS = ("train", "eval", "test")
 FEW_IMAGES = 10  # Training images of a class below which a run warns.

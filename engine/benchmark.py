@@ -26,16 +26,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import internals
-from data import pipeline, sources
-from engine import assembly, feature_cache
-from engine import config as config_lib
-from engine.optimizer import make_optimizer
-from engine.trainer import Stages, per_example_loss
-from errors import ConfigError
-from models import modes
-from models.backbones import BACKBONES
-from models.classifier import BACKBONE_LAYER
+from transfer_engine import internals
+from transfer_engine.data import pipeline, sources
+from transfer_engine.engine import assembly, feature_cache
+from transfer_engine.engine import config as config_lib
+from transfer_engine.engine.optimizer import make_optimizer
+from transfer_engine.engine.trainer import Stages, per_example_loss
+from transfer_engine.errors import ConfigError
+from transfer_engine.models import modes
+from transfer_engine.models.backbones import BACKBONES
+from transfer_engine.models.classifier import BACKBONE_LAYER
 
 WINDOWS = 5
 WINDOW_STEPS = 10  # Training steps per timed window (engine and fit alike).

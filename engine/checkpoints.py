@@ -25,8 +25,8 @@ import sys
 from absl import logging
 import tensorflow as tf
 
-import internals
-from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, first_line
+from transfer_engine import internals
+from transfer_engine.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, first_line
 
 
 CHECKPOINT_INDEX = re.compile(r"ckpt-(\d+)\.index")

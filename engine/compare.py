@@ -14,12 +14,12 @@ from absl import logging
 import keras
 import tensorflow as tf
 
-from data import sources
-from engine import config as config_lib
-from engine import training
-from engine.run_dir import RunDir, replace_atomic, write_atomic
-from errors import ModesFailed, RunError, first_line
-from models import modes
+from transfer_engine.data import sources
+from transfer_engine.engine import config as config_lib
+from transfer_engine.engine import training
+from transfer_engine.engine.run_dir import RunDir, replace_atomic, write_atomic
+from transfer_engine.errors import ModesFailed, RunError, first_line
+from transfer_engine.models import modes
 
 
 def variants(config):

@@ -22,8 +22,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from internals import fused_batch_norm
-from models.trainability import all_layers
+from transfer_engine.internals import fused_batch_norm
+from transfer_engine.models.trainability import all_layers
 
 
 class CompiledForward:

@@ -11,10 +11,11 @@ import re
 
 from absl import flags
 
-from errors import ConfigError
-from models import modes
-from models.backbones import BACKBONES
+from transfer_engine.errors import ConfigError, UsageError
+from transfer_engine.models import modes
+from transfer_engine.models.backbones import BACKBONES
 
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # The checkout, or where it is installed.
 JOBS = ("train", "evaluate", "export", "predict", "benchmark", "compare", "lr_find")
 EXPORT_FORMATS = ("saved_model", "litert", "litert_int8")
 # Jobs that use a trained run: they take every option not given on the command line from the run's own
@@ -299,6 +300,22 @@ FLAG_GROUPS = (
 )
 
 
+# What a run's HParams row shows (engine/run_dir.py): the flags that describe what it trained and how, not
+# where files are or how it was scheduled.
+NOT_HPARAMS = ("job", "model_dir", "data_dir", "manual_dir", "cache", "feature_cache_max_gb", "steps_per_loop",
+               "tpu", "checkpoint_every", "keep_checkpoints", "export_format", "inputs", "output", "top_k")
+
+
+def hparams(config):
+    """{flag: value} for TensorBoard's HParams (numbers, strings, booleans; a list as its flag text)."""
+    values = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name not in NOT_HPARAMS:
+            values[field.name] = ",".join(map(str, value)) if isinstance(value, tuple) else "" if value is None else value
+    return values
+
+
 def define_flags(flag_values=flags.FLAGS):
     """Declares one absl flag per Config field (names, defaults and help come from the fields)."""
     definers = {
@@ -315,6 +332,17 @@ def define_flags(flag_values=flags.FLAGS):
             help_text += f" One of: {', '.join(meta['choices'])}."
         default = list(field.default) if meta["kind"] is list else field.default
         definers[meta["kind"]](field.name, default, help_text, flag_values=flag_values)
+
+
+def parse_args(argv, flag_values=flags.FLAGS):
+    """absl parses `argv` (argv[0] the program) into `flag_values`; what it refuses is a UsageError with its
+    one line (launch.py prints it; the Python API raises it)."""
+    try:
+        return flag_values(argv)
+    except flags.CantOpenFlagFileError as error:
+        raise UsageError(f"--flagfile: {str(error).replace('ERROR:: ', '')}") from None
+    except flags.Error as error:
+        raise UsageError(str(error)) from None
 
 
 def from_flags(flag_values=flags.FLAGS):
@@ -467,8 +495,6 @@ def validate(config):
     unknown = [name for name in config.export_format if name not in EXPORT_FORMATS]
     if unknown or not config.export_format:
         raise ConfigError("export_format", config.export_format, f"each must be one of {', '.join(EXPORT_FORMATS)}")
-    if config.job == "predict" and not config.inputs:
-        raise ConfigError("inputs", "", "--job=predict needs images: files, folders or globs")
     if config.top_k <= 0:
         raise ConfigError("top_k", config.top_k, "must be positive")
     if config.loss_upper_bound is not None and config.loss_upper_bound <= 0:
@@ -480,10 +506,21 @@ def validate(config):
             "jit_compile", "true",
             "XLA has no deterministic implementation of some gradients (MaxPool's): drop --deterministic or XLA",
         )
-    weights = config.weights
+    weights = shipped(config.weights)
     if weights not in ("imagenet", "none") and not os.path.exists(weights):
         raise ConfigError("weights", weights, "no such file or run directory")
-    return config
+    return dataclasses.replace(config, weights=weights) if weights != config.weights else config
+
+
+def shipped(path):
+    """`path` as given or, where it names nothing from the working directory, the file of that name shipped
+    with the engine (configs/frozen.flags, models/pretrained/...): README's commands work from any
+    directory once the package is installed. launch.py resolves --flagfile paths with it too."""
+    if path and not os.path.isabs(path) and not os.path.exists(path):
+        candidate = os.path.join(PACKAGE_ROOT, path)
+        if os.path.exists(candidate):
+            return candidate
+    return path
 
 
 def for_mode(config, name, **changes):

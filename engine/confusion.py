@@ -3,7 +3,7 @@ TensorBoard (logs/test). The counts come from the exact distributed evaluation (
 
 import numpy as np
 
-from engine import figures
+from transfer_engine.engine import figures
 
 
 def figure(counts, class_names, title):

@@ -19,8 +19,8 @@ from absl import logging
 import keras
 import tensorflow as tf
 
-from errors import ConfigError, first_line
-import internals
+from transfer_engine.errors import ConfigError, first_line
+from transfer_engine import internals
 
 
 API_NAMES = {

@@ -18,10 +18,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from data import pipeline, sources
-from engine.run_dir import RunDir, replace_atomic
-from errors import ConfigError, RunError
-import internals
+from transfer_engine.data import pipeline, sources
+from transfer_engine.engine.run_dir import RunDir, replace_atomic
+from transfer_engine.errors import ConfigError, RunError
+from transfer_engine import internals
 
 CALIBRATION_IMAGES = 300
 # A float artifact computes what the Keras model computes, in another order: its logits may differ by

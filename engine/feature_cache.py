@@ -31,9 +31,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from engine.compiled_forward import CompiledForward
-from models import modes
-from models.classifier import BACKBONE_LAYER
+from transfer_engine.engine.compiled_forward import CompiledForward
+from transfer_engine.models import modes
+from transfer_engine.models.classifier import BACKBONE_LAYER
 
 # Layers whose output is random in training: they must run live, above the cut.
 _RANDOM_LAYERS = (

@@ -14,10 +14,11 @@ import os
 
 from absl import logging
 
-from engine import assembly, benchmark, compare, export, lr_find, predict, training
-from engine.run_dir import RunDir
-from engine.trainer import Stages
-from errors import ConfigError
+from transfer_engine import internals
+from transfer_engine.engine import assembly, benchmark, compare, distribute, export, lr_find, predict, training
+from transfer_engine.engine.run_dir import RunDir
+from transfer_engine.engine.trainer import Stages
+from transfer_engine.errors import ConfigError
 
 
 def evaluate(config):
@@ -44,6 +45,14 @@ def evaluate(config):
         evaluation["test_examples"],
     )
     return evaluation
+
+
+def run(config):
+    """Runs `config.job`: the one path of launch.py and the Python API. Returns what the job returns."""
+    internals.check_versions()
+    if config.cpu_replicas > 1:  # Before any job reads data: that initialises TensorFlow's devices.
+        distribute.split_cpu(config.cpu_replicas)
+    return JOBS[config.job](config)
 
 
 JOBS = {

@@ -15,10 +15,10 @@ from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
-import tqdm
+from tqdm.auto import tqdm
 
-from engine.trainer import summarize
-from errors import Diverged
+from transfer_engine.engine.trainer import summarize
+from transfer_engine.errors import Diverged
 
 NAN_PATIENCE = 2  # Consecutive training calls with a non-finite loss before the run stops.
 
@@ -97,7 +97,7 @@ def train_epochs(*, schedule, stages, state, train_dataset, eval_dataset, checkp
             epoch_sums.assign(tf.zeros([3], tf.float64))
         epoch_throughput = Throughput()
         started = time.perf_counter()
-        bar = tqdm.tqdm(
+        bar = tqdm(
             total=steps, initial=done, desc=f"{progress_label}epoch {epoch + 1}/{schedule.epochs}", unit="step"
         )
         while done < steps:

@@ -11,11 +11,11 @@ import os
 from absl import logging
 import numpy as np
 import tensorflow as tf
-import tqdm
+from tqdm.auto import tqdm
 
-from engine import assembly, feature_cache
-from engine.run_dir import RunDir, replace_atomic
-from engine.trainer import Stages
+from transfer_engine.engine import assembly, feature_cache
+from transfer_engine.engine.run_dir import RunDir, replace_atomic
+from transfer_engine.engine.trainer import Stages
 
 MIN_RATE, MAX_RATE = 1e-7, 10.0
 STEPS = 100
@@ -38,7 +38,7 @@ def lr_find(config):
     iterator = iter(run.train_dataset(splits["train"]))
     rates, losses, smoothed = [], [], []
     average = 0.0
-    for step, rate in enumerate(tqdm.tqdm(np.geomspace(MIN_RATE, MAX_RATE, STEPS), desc="lr_find", unit="step")):
+    for step, rate in enumerate(tqdm(np.geomspace(MIN_RATE, MAX_RATE, STEPS), desc="lr_find", unit="step")):
         run.optimizer.learning_rate = float(rate)
         sums = trainer.train_steps(iterator, tf.constant(1)).numpy()
         loss = float(sums[0] / sums[2])

@@ -6,7 +6,7 @@ import functools
 
 import keras
 
-import internals
+from transfer_engine import internals
 
 
 def learning_rate_schedule(*, learning_rate, schedule, warmup_steps, total_steps, accumulation=1):

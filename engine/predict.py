@@ -14,33 +14,65 @@ from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
-import tqdm
+from tqdm.auto import tqdm
 
-from data import pipeline
-from data.sources import files_below, is_image
-from engine import distribute
-from engine.export import load_model
-from engine.run_dir import RunDir, write_atomic
-from engine.trainer import flip_averaged
-from errors import ConfigError, named
+from transfer_engine.data import pipeline
+from transfer_engine.data.sources import files_below, is_image
+from transfer_engine.engine import distribute
+from transfer_engine.engine.export import load_model
+from transfer_engine.engine.run_dir import RunDir, write_atomic
+from transfer_engine.engine.trainer import flip_averaged
+from transfer_engine.errors import ConfigError, named
 
 
 
 def predict(config):
-    """Writes one CSV row per readable image: path, top class and probability, then --top_k - 1 more."""
+    """Writes one CSV row per readable image of --inputs: path, top class and probability, then --top_k - 1
+    more. Returns the job's summary, with "predictions": per image read, its path, classes and probabilities."""
+    if not config.inputs:
+        raise ConfigError("inputs", "", "--job=predict needs images: files, folders or globs")
+    paths = find_images(config.inputs)
+    output = config.output or RunDir(config.model_dir).file("predictions.csv")
+    images = tf.data.Dataset.from_tensor_slices(paths).map(
+        lambda path: tf.io.read_file(path), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    found = top_classes(config, images, len(paths), decode=pipeline.decode)
+    unreadable = [path for index, path in enumerate(paths) if index not in found]
+    if unreadable:
+        logging.warning(
+            "%d of %d files could not be read as images, skipped: %s", len(unreadable), len(paths), named(unreadable),
+        )
+    top_k = min(config.top_k, max((len(classes) for classes, _ in found.values()), default=1))
+    header = ["path", "label", "probability"] + [
+        name for k in range(2, top_k + 1) for name in (f"label_{k}", f"probability_{k}")
+    ]
+    rows = [[paths[index]] + [x for name, p in zip(*found[index]) for x in (name, f"{p:.6f}")] for index in sorted(found)]
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([header] + rows)
+    try:
+        write_atomic(output, text.getvalue())
+    except OSError as error:
+        raise ConfigError("output", output, f"cannot be written ({error.strerror})") from None
+    logging.info("Predicted %d images: %s", len(rows), output)
+    predictions = [{"path": paths[index], "classes": found[index][0], "probabilities": found[index][1]}
+                   for index in sorted(found)]
+    return {"job": "predict", "output": output, "predicted": len(rows), "unreadable": unreadable,
+            "predictions": predictions}
+
+
+def top_classes(config, images, count, *, decode):
+    """{index: (top --top_k class names, their probabilities)} of the `count` elements of `images` (a
+    dataset) that `decode(element, image_size=, channels=)` turns into an image, by the run's model.keras
+    (--tta: with mirror images). Elements that fail to decode are left out."""
     run_dir = RunDir(config.model_dir)
     class_names = run_dir.read_json("results.json").get("class_names")
-    paths = find_images(config.inputs)
-    output = config.output or run_dir.file("predictions.csv")
     devices = distribute.configure(config)
     with devices.strategy.scope():
         model = load_model(run_dir)
     class_names = class_names or [str(k) for k in range(max(2, model.output.shape[-1]))]  # Older runs.
     top_k = min(config.top_k, len(class_names))
-
-    indexed = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths)).map(
-        lambda index, path: (index, pipeline.decode(
-            tf.io.read_file(path), image_size=config.image_size, channels=model.input.shape[-1])),
+    channels = model.input.shape[-1]
+    indexed = tf.data.Dataset.zip(tf.data.Dataset.range(count), images).map(
+        lambda index, element: (index, decode(element, image_size=config.image_size, channels=channels)),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
     ).ignore_errors()
     batches = devices.strategy.experimental_distribute_dataset(indexed.batch(config.batch_size).prefetch(2))
@@ -51,34 +83,18 @@ def predict(config):
         logits = flip_averaged(call, images) if config.tta else call(images)
         return keras.ops.sigmoid(logits) if logits.shape[-1] == 1 else keras.ops.softmax(logits)
 
-    rows = []
-    with tqdm.tqdm(total=len(paths), unit="img", desc="predict", leave=False) as bar:
-        for indices, images in batches:
+    found = {}
+    with tqdm(total=count, unit="img", desc="predict", leave=False) as bar:
+        for indices, batch in batches:
             indices = devices.strategy.gather(indices, axis=0).numpy()
-            probs = devices.strategy.gather(devices.strategy.run(probabilities, (images,)), axis=0).numpy()
+            probs = devices.strategy.gather(devices.strategy.run(probabilities, (batch,)), axis=0).numpy()
             if probs.shape[-1] == 1:  # One sigmoid unit: the probability of class 1.
                 probs = np.concatenate([1 - probs, probs], axis=-1)
             for index, p in zip(indices, probs):
                 top = np.argsort(-p, kind="stable")[:top_k]
-                rows.append((index, [paths[index]] + [x for k in top for x in (class_names[k], f"{p[k]:.6f}")]))
+                found[int(index)] = ([class_names[k] for k in top], [float(p[k]) for k in top])
             bar.update(len(indices))
-    read = {int(index) for index, _ in rows}
-    unreadable = [path for index, path in enumerate(paths) if index not in read]
-    if unreadable:
-        logging.warning(
-            "%d of %d files could not be read as images, skipped: %s", len(unreadable), len(paths), named(unreadable),
-        )
-    header = ["path", "label", "probability"] + [
-        name for k in range(2, top_k + 1) for name in (f"label_{k}", f"probability_{k}")
-    ]
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows([header] + [row for _, row in sorted(rows)])
-    try:
-        write_atomic(output, text.getvalue())
-    except OSError as error:
-        raise ConfigError("output", output, f"cannot be written ({error.strerror})") from None
-    logging.info("Predicted %d images: %s", len(rows), output)
-    return {"job": "predict", "output": output, "predicted": len(rows), "unreadable": unreadable}
+    return found
 
 
 def find_images(inputs):

@@ -2,7 +2,7 @@
 
     flags.txt        the resolved flags; `--flagfile=flags.txt` reruns (or resumes) the run
     checkpoints/     tf.train.CheckpointManager checkpoints (engine/checkpoints.py)
-    logs/train,eval  TensorBoard summaries
+    logs/train,eval  TensorBoard summaries (logs/: the run's HParams row; logs/test: its test metrics)
     metrics.jsonl    one JSON line per epoch
     results.json     final metrics, parameter counts, devices, trainability audit
     model.keras      the trained classifier (takes raw uint8 images of any size)
@@ -24,7 +24,7 @@ import time
 from absl import logging
 import tensorflow as tf
 
-from errors import ConfigError
+from transfer_engine.errors import ConfigError
 
 # Options that change what is in a checkpoint: a run dir holding another value of them is refused.
 IDENTITY = (
@@ -130,6 +130,19 @@ class RunDir:
                 tf.summary.scalar("accuracy", record["eval_accuracy"])
         for writer in self._writers.values():
             writer.flush()
+
+    def record_hparams(self, hparams, test, step):
+        """The run as a row of TensorBoard's HParams table (`tensorboard --logdir` over runs, or over a
+        compare's modes): `hparams` (the flags that describe it) in logs/, and the test split's loss and
+        accuracy (`test`, or None) in logs/test beside the epochs' train and eval scalars, its columns."""
+        from tensorboard.plugins.hparams import api as hp  # TensorBoard's plugin; tf.summary writes it.
+
+        with tf.summary.create_file_writer(self.file("logs")).as_default(step=step):
+            hp.hparams(hparams, trial_id=os.path.basename(os.path.abspath(self.path)))
+        if test:
+            with tf.summary.create_file_writer(self.file("logs", "test")).as_default(step=step):
+                tf.summary.scalar("loss", test["loss"])
+                tf.summary.scalar("accuracy", test["accuracy"])
 
     def metrics(self):
         """Every line of metrics.jsonl as a dict, one per epoch done ([] before the first)."""

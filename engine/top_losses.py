@@ -17,8 +17,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from engine import figures
-from engine.trainer import flip_averaged, per_example_loss, predicted_class
+from transfer_engine.engine import figures
+from transfer_engine.engine.trainer import flip_averaged, per_example_loss, predicted_class
 
 SHOWN = 16  # Pictures drawn: a 4 x 4 grid.
 

@@ -19,10 +19,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from engine.compiled_forward import CompiledForward
-from internals import quiet_native_info
-from engine.optimizer import averaged_weights
-from models import modes, trainability
+from transfer_engine.engine.compiled_forward import CompiledForward
+from transfer_engine.internals import quiet_native_info
+from transfer_engine.engine.optimizer import averaged_weights
+from transfer_engine.models import modes, trainability
 
 _SUM = tf.distribute.ReduceOp.SUM
 

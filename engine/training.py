@@ -7,12 +7,13 @@ import time
 
 from absl import logging
 
-from engine import assembly, confusion, feature_cache, loop, top_losses
-from engine.optimizer import use_averaged_weights
-from engine.run_dir import RunDir, replace_atomic
-from engine.trainer import Stages, summarize
-from models import trainability
-from models.classifier import BACKBONE_LAYER
+from transfer_engine.engine import assembly, confusion, feature_cache, loop, top_losses
+from transfer_engine.engine import config as config_lib
+from transfer_engine.engine.optimizer import use_averaged_weights
+from transfer_engine.engine.run_dir import RunDir, replace_atomic
+from transfer_engine.engine.trainer import Stages, summarize
+from transfer_engine.models import trainability
+from transfer_engine.models.classifier import BACKBONE_LAYER
 
 
 def evaluate_split(run, trainer, examples):
@@ -144,6 +145,7 @@ def _train(config, run, run_dir, started, progress_label):
         results["test_top_losses"] = write_top_losses(
             run, run_dir, model=features.upper if features else run.model, scored=splits["test"],
             step=results["global_step"], title=f"{config.mode}: the highest losses of {config.test_split}")
+    run_dir.record_hparams(config_lib.hparams(config), test, step=results["global_step"])
     run_dir.write_json("results.json", results)
     logging.info(
         "Done: test accuracy %s, eval accuracy %s, %s images/sec; results in %s",

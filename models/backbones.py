@@ -13,8 +13,8 @@ from typing import Callable
 
 import keras
 
-import internals
-from models import imagenet
+from transfer_engine import internals
+from transfer_engine.models import imagenet
 
 
 def repeat_gray(images):

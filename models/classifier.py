@@ -10,9 +10,9 @@ import warnings
 
 import keras
 
-import internals
-from errors import ConfigError, first_line
-from models.backbones import BACKBONES
+from transfer_engine import internals
+from transfer_engine.errors import ConfigError, first_line
+from transfer_engine.models.backbones import BACKBONES
 
 BACKBONE_LAYER = "backbone"
 

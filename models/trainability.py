@@ -15,9 +15,9 @@ import re
 import keras
 import numpy as np
 
-from errors import ConfigError
-from models import modes
-from models.classifier import BACKBONE_LAYER
+from transfer_engine.errors import ConfigError
+from transfer_engine.models import modes
+from transfer_engine.models.classifier import BACKBONE_LAYER
 
 BN = keras.layers.BatchNormalization
 # Block prefixes of keras.applications layer names: block_13_ (MobileNetV2), block2a_ (EfficientNet),

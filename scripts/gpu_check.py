@@ -70,9 +70,9 @@ def check_overflow(args, out):
     code = f"""
 import json, sys
 sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]
-import internals
+from transfer_engine import internals
 import tensorflow as tf
-from engine import distribute
+from transfer_engine.engine import distribute
 from helpers import step_with_an_overflow_on_one_replica
 if {args.cpu_replicas} > 1:
     distribute.split_cpu({args.cpu_replicas})

@@ -11,10 +11,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import internals  # noqa: E402,F401  First: TensorFlow's process defaults, as launch.py runs with them.
+from transfer_engine import internals  # noqa: E402,F401  First: TensorFlow's process defaults, as launch.py runs with them.
 import keras  # noqa: E402
 
-from engine import distribute  # noqa: E402
+from transfer_engine.engine import distribute  # noqa: E402
 from helpers import tiny_config  # noqa: E402
 
 distribute.split_cpu(2)  # Before TensorFlow initialises its devices.
@@ -23,7 +23,7 @@ distribute.split_cpu(2)  # Before TensorFlow initialises its devices.
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A TFDS data dir with Fashion-MNIST prepared from the offline IDX files (once per session)."""
-    from data import sources
+    from transfer_engine.data import sources
 
     path = str(tmp_path_factory.mktemp("tfds"))
     sources.open_source(tiny_config(data_dir=path))

@@ -11,7 +11,7 @@ import sys
 
 import tensorflow as tf
 
-from engine.config import Config, validate
+from transfer_engine.engine.config import Config, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,7 @@ def launch_in_process(*args):
     An exception that launch.py lets through (a bug) propagates, with its traceback."""
     from absl import flags
 
-    import launch
+    from transfer_engine import launch
 
     flags.FLAGS.unparse_flags()  # Flags of an earlier call must not leak into this one.
     stderr = io.StringIO()
@@ -109,10 +109,10 @@ def on_two_simulated_gpus(code, timeout=300):
     script = "\n".join([
         "import json, sys",
         f"sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]",
-        "import internals",
+        "from transfer_engine import internals",
         "import tensorflow as tf",
         "from tensorflow.python.distribute import mirrored_run, mirrored_strategy",
-        "from engine import distribute",
+        "from transfer_engine.engine import distribute",
         "distribute.split_cpu(2)",
         "mirrored_run._is_gpu_device = mirrored_strategy._is_gpu_device = lambda device: True",
         "strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])",
@@ -123,16 +123,39 @@ def on_two_simulated_gpus(code, timeout=300):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def hparams_rows(logdir):
+    """What TensorBoard's HParams plugin reads below `logdir`: {session run: ({hparam: value}, {(run, tag):
+    last scalar value} of the session's runs)}."""
+    from tensorboard.backend.event_processing import event_multiplexer
+    from tensorboard.plugins.hparams import metadata
+
+    multiplexer = event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    rows = {}
+    for run, tags in multiplexer.PluginRunToTagToContent(metadata.PLUGIN_NAME).items():
+        if metadata.SESSION_START_INFO_TAG in tags:
+            info = metadata.parse_session_start_info_plugin_data(tags[metadata.SESSION_START_INFO_TAG])
+            hparams = {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+                       for name, value in info.hparams.items()}
+            scalars = {(other, tag): float(tf.make_ndarray(multiplexer.Tensors(other, tag)[-1].tensor_proto))
+                       for other in multiplexer.Runs() if other.startswith(run + "/")
+                       for tag in multiplexer.Runs()[other].get("tensors", [])
+                       if multiplexer.SummaryMetadata(other, tag).plugin_data.plugin_name == "scalars"}
+            rows[run] = (hparams, scalars)
+    return rows
+
+
 def train_run(config, model_dir):
     """Runs the train job in-process into `model_dir`; returns results.json as a dict."""
-    from engine import training
+    from transfer_engine.engine import training
 
     return training.train(replace(config, model_dir=str(model_dir)))
 
 
 def load_weights_file(path):
     """{variable path: array} of a Keras .weights.h5 file, read through a small_cnn backbone."""
-    from models.backbones import BACKBONES
+    from transfer_engine.models.backbones import BACKBONES
 
     backbone = BACKBONES["small_cnn"].build((32, 32, 3), None, 1.0)
     backbone.load_weights(path)
@@ -146,8 +169,8 @@ def step_with_an_overflow_on_one_replica(strategy, jit_compile=False):
     import keras
     import numpy as np
 
-    from engine.optimizer import make_optimizer
-    from engine.trainer import Trainer
+    from transfer_engine.engine.optimizer import make_optimizer
+    from transfer_engine.engine.trainer import Trainer
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:

@@ -12,6 +12,7 @@ import os
 
 from helpers import ROOT
 
+PACKAGE = "transfer_engine"  # Every import names the project's modules below it.
 PACKAGES = ("engine", "models", "data")
 TOP_LEVEL = ("launch", "errors", "internals")
 
@@ -27,6 +28,11 @@ def project_modules():
     return modules
 
 
+def _unprefixed(name):
+    """A module's name in the checkout: transfer_engine.engine.loop is engine.loop."""
+    return name.removeprefix(PACKAGE + ".")
+
+
 def imports_of(path, modules):
     """The project modules that the module at `path` imports (`from engine import x` counts as
     engine.x when that is a module, else as engine)."""
@@ -35,12 +41,13 @@ def imports_of(path, modules):
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
+            names = [_unprefixed(alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            submodules = [f"{node.module}.{alias.name}" for alias in node.names]
+            module = _unprefixed(node.module)
+            submodules = [_unprefixed(f"{node.module}.{alias.name}") for alias in node.names]
             names = [name for name in submodules if name in modules]
             if len(names) < len(submodules):  # Some names are attributes of node.module itself.
-                names.append(node.module)
+                names.append(module)
         else:
             continue
         found.update(name for name in names if name in modules)
@@ -81,8 +88,8 @@ def find_cycle(graph):
 def test_the_graph_reader_sees_imports_of_every_form(tmp_path):
     source = tmp_path / "sample.py"
     source.write_text(
-        "import errors\nfrom engine import loop, config as c\nfrom models.modes import MODES\n"
-        "def f():\n    from data import pipeline\n"
+        "from transfer_engine import errors\nfrom transfer_engine.engine import loop, config as c\nfrom transfer_engine.models.modes import MODES\n"
+        "def f():\n    from transfer_engine.data import pipeline\n"
     )
     modules = {name: "" for name in ("errors", "engine", "engine.loop", "engine.config", "models.modes",
                                      "data", "data.pipeline")}

@@ -11,15 +11,15 @@ import sys
 import numpy as np
 import pytest
 
-from engine import export
-from engine.run_dir import RunDir
+from transfer_engine.engine import export
+from transfer_engine.engine.run_dir import RunDir
 from helpers import ROOT, launch_in_process, train_run
 
 # Run in a fresh interpreter with this project's modules blocked (an editable install would find them):
 # model.keras and the SavedModel must stand alone. Prints what it measured as JSON.
 STANDALONE_CHECK = r"""
 import importlib.abc, json, sys
-PROJECT = {"engine", "models", "data", "launch", "errors", "internals"}
+PROJECT = {"transfer_engine", "engine", "models", "data", "launch", "errors", "internals"}
 
 class Blocked(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
@@ -29,7 +29,7 @@ class Blocked(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Blocked())
 sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[1])]
 try:
-    import engine  # noqa
+    import transfer_engine  # noqa
     raise SystemExit("this project is importable")
 except ImportError:
     pass
@@ -167,8 +167,8 @@ def write_images(folder):
 
 
 def test_predict_searches_a_folder_for_the_images_a_folder_dataset_reads(tmp_path):
-    from data import sources
-    from engine.predict import find_images
+    from transfer_engine.data import sources
+    from transfer_engine.engine.predict import find_images
 
     for path in ("cat/0.jpg", "cat/2019/1.PNG", "dog/0.gif", "dog/notes.txt", "cat/.DS_Store", "dog/._0.gif",
                  ".ipynb_checkpoints/cat-checkpoint.jpg", "cat/.ipynb_checkpoints/0-checkpoint.jpg"):

@@ -13,12 +13,12 @@ from keras.src.applications import efficientnet, mobilenet_v3, resnet
 from keras.src.backend import config as keras_config
 from keras.src.legacy.saving import legacy_h5_format  # The format of Keras' published weight files.
 
-from errors import ConfigError
-from engine.optimizer import make_optimizer
-from engine.trainer import Trainer
-from models import trainability
-from models.backbones import BACKBONES
-from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights, preprocessing
+from transfer_engine.errors import ConfigError
+from transfer_engine.engine.optimizer import make_optimizer
+from transfer_engine.engine.trainer import Trainer
+from transfer_engine.models import trainability
+from transfer_engine.models.backbones import BACKBONES
+from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights, preprocessing
 
 SIZE = 32
 APPLICATIONS = [name for name, entry in BACKBONES.items() if entry.has_imagenet_weights]

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from engine import benchmark
+from transfer_engine.engine import benchmark
 
 
 @pytest.mark.slow
@@ -81,8 +81,8 @@ def test_the_tutorials_model_trains_what_the_engine_trains_from_the_same_weights
     variables, same outputs in inference, on images the tutorials' pipeline prepares."""
     import numpy as np
 
-    from engine import assembly
-    from engine.trainer import Stages
+    from transfer_engine.engine import assembly
+    from transfer_engine.engine.trainer import Stages
 
     run = assembly.build(tiny(mode="finetune", unfreeze=2, weights=pretrained_run, model_dir=str(tmp_path),
                               dropout=0.2, eval_split="", test_split=""))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED
+from transfer_engine.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED
 from helpers import ROOT, launch, tiny_config, tiny_flags, train_run
 
 pytestmark = pytest.mark.slow  # Every test here runs whole trainings, most in subprocesses.
@@ -220,7 +220,7 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert match and len(errors) == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     first_bad, last_good = int(match.group(1)), match.group(3)
-    from engine.loop import NAN_PATIENCE
+    from transfer_engine.engine.loop import NAN_PATIENCE
     assert int(match.group(2)) == first_bad + NAN_PATIENCE - 1, "the range names the calls that failed, one step each"
     # The newest checkpoint whose weights a later call ran with a finite loss: from before step first_bad - 1.
     proven = max(step for step in _checkpoint_steps(model_dir) if step < first_bad - 1)
@@ -242,7 +242,7 @@ def test_the_same_seed_gives_identical_results(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_early_stopping_stops_when_patience_runs_out_and_keep_best_reports_the_best_epoch(tiny, tmp_path):
-    from engine.run_dir import RunDir
+    from transfer_engine.engine.run_dir import RunDir
     from helpers import digest_tree, launch_in_process, tiny_flags
 
     run = tmp_path / "run"

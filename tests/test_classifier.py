@@ -8,9 +8,9 @@ import keras
 import numpy as np
 import pytest
 
-from errors import ConfigError
-from models.backbones import BACKBONES
-from models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights, preprocessing
+from transfer_engine.errors import ConfigError
+from transfer_engine.models.backbones import BACKBONES
+from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights, preprocessing
 
 
 def small(num_classes=3, channels=1, **kwargs):

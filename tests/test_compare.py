@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from engine import compare
-from engine.config import Config, validate
-from errors import ConfigError
-from helpers import launch, tiny_flags
+from transfer_engine.engine import compare
+from transfer_engine.engine.config import Config, validate
+from transfer_engine.errors import ConfigError
+from helpers import hparams_rows, launch, tiny_flags
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MODES = ["scratch", "frozen", "finetune", "staged", "lora"]
@@ -56,6 +56,14 @@ def test_compare_trains_every_mode_in_its_own_dir_and_tabulates_them(tiny, pretr
         for true, row in zip(matrix["classes"], matrix["counts"]):
             assert f"| {true} | " + " | ".join(f"{n:,}" for n in row) + " |" in block, (mode, true)
         assert (tmp_path / mode / "confusion.png").read_bytes().startswith(PNG_SIGNATURE)
+    # `tensorboard --logdir` on the comparison: one HParams row per mode, with its test accuracy.
+    rows = hparams_rows(tmp_path)
+    assert sorted(rows) == sorted(f"{mode}/logs" for mode in MODES)
+    for mode in MODES:
+        hparams, scalars = rows[f"{mode}/logs"]
+        assert hparams["mode"] == results[mode]["mode"] and hparams["backbone"] == "small_cnn"
+        assert scalars[(f"{mode}/logs/test", "accuracy")] == pytest.approx(results[mode]["test_accuracy"])
+        assert scalars[(f"{mode}/logs/eval", "accuracy")] == pytest.approx(results[mode]["eval_accuracy"])
 
 
 def test_the_plot_has_a_line_per_mode_and_says_which_failed(tmp_path):

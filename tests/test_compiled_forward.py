@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine.compiled_forward import CompiledForward
-from engine.optimizer import make_optimizer
-from engine.trainer import Trainer
-from internals import fused_batch_norm
+from transfer_engine.engine.compiled_forward import CompiledForward
+from transfer_engine.engine.optimizer import make_optimizer
+from transfer_engine.engine.trainer import Trainer
+from transfer_engine.internals import fused_batch_norm
 from helpers import one_device, two_devices
-from models import trainability
-from models.classifier import build_classifier
+from transfer_engine.models import trainability
+from transfer_engine.models.classifier import build_classifier
 
 BN = keras.layers.BatchNormalization
 

@@ -7,10 +7,10 @@ import os
 from absl import flags
 import pytest
 
-from engine import config as config_lib
-from engine.config import Config, validate
-from errors import ConfigError
-from engine.run_dir import read_flagfile_text
+from transfer_engine.engine import config as config_lib
+from transfer_engine.engine.config import Config, validate
+from transfer_engine.errors import ConfigError
+from transfer_engine.engine.run_dir import read_flagfile_text
 from helpers import ROOT
 
 
@@ -93,7 +93,7 @@ def test_non_integer_labels_are_refused():
 
 
 def test_every_job_choice_has_a_job():
-    from engine import jobs
+    from transfer_engine.engine import jobs
 
     assert sorted(jobs.JOBS) == sorted(config_lib.JOBS)
 

@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data import fashion_mnist_idx, pipeline, sources
-from errors import ConfigError
+from transfer_engine.data import fashion_mnist_idx, pipeline, sources
+from transfer_engine.errors import ConfigError
 from helpers import default_strategy, one_device, two_devices
 
 
@@ -335,7 +335,7 @@ def test_a_folder_dataset_has_classes_splits_and_skips_a_corrupt_image(tiny, tmp
 
 
 def test_a_folder_without_split_flags_trains_evaluates_and_tests_on_an_80_10_10_cut(tiny, tmp_path, caplog):
-    from engine.run_dir import read_flagfile
+    from transfer_engine.engine.run_dir import read_flagfile
     from helpers import launch_in_process, tiny_flags
 
     _write_folder(tmp_path / "images", per_class=20)

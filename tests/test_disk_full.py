@@ -7,7 +7,7 @@ import subprocess
 import keras
 import pytest
 
-from engine.checkpoints import damage
+from transfer_engine.engine.checkpoints import damage
 from helpers import launch, tiny_config, tiny_flags
 
 pytestmark = pytest.mark.slow

@@ -4,8 +4,8 @@ import keras
 import pytest
 import tensorflow as tf
 
-from engine import distribute
-from errors import ConfigError
+from transfer_engine.engine import distribute
+from transfer_engine.errors import ConfigError
 from helpers import tiny_config
 
 

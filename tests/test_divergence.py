@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from errors import EXIT_DIVERGED
+from transfer_engine.errors import EXIT_DIVERGED
 from helpers import launch_in_process, tiny_flags
-from models.classifier import build_classifier
+from transfer_engine.models.classifier import build_classifier
 
 
 def diverge(tiny, model_dir, **overrides):

@@ -8,10 +8,10 @@ import keras
 import numpy as np
 import pytest
 
-from engine import assembly, feature_cache
+from transfer_engine.engine import assembly, feature_cache
 from helpers import load_weights_file, replace, train_run
-from models import trainability
-from models.classifier import BACKBONE_LAYER, build_classifier
+from transfer_engine.models import trainability
+from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier
 
 
 def _logits_weights(model_dir):

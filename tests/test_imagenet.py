@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import skimage.data
 
-from errors import ConfigError
-from models import imagenet, torch_file
-from models.backbones import efficientnet_lite0
-from models.classifier import preprocessing
+from transfer_engine.errors import ConfigError
+from transfer_engine.models import imagenet, torch_file
+from transfer_engine.models.backbones import efficientnet_lite0
+from transfer_engine.models.classifier import preprocessing
 
 # ImageNet class indices (the order of Keras' imagenet_class_index.json).
 CATS = {281: "tabby", 282: "tiger cat", 283: "Persian cat", 284: "Siamese cat", 285: "Egyptian cat"}

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import internals
-from engine.optimizer import make_optimizer
-from errors import UnsupportedLibrary
+from transfer_engine import internals
+from transfer_engine.engine.optimizer import make_optimizer
+from transfer_engine.errors import UnsupportedLibrary
 from helpers import ROOT, two_devices
-from models import trainability
-from models.classifier import BACKBONE_LAYER, build_classifier
+from transfer_engine.models import trainability
+from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier
 
 
 def test_the_installed_versions_are_the_checked_ones_and_another_major_is_refused():
@@ -183,7 +183,7 @@ def test_onednn_kernels_are_on_unless_the_user_says_no_and_tensorflow_loads_quie
     if setting is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = setting
     done = subprocess.run(
-        [sys.executable, "-c", "import internals; print(internals.onednn_enabled())"],
+        [sys.executable, "-c", "from transfer_engine import internals; print(internals.onednn_enabled())"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, f"{enabled}\n", "")

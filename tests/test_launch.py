@@ -10,10 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
-from data import sources
-from engine.run_dir import read_flagfile
+from transfer_engine.data import sources
+from transfer_engine.engine.run_dir import read_flagfile
 from helpers import ROOT, digest_tree, launch, launch_in_process, load_weights_file, tiny_config, tiny_flags, train_run
-from models.classifier import BACKBONE_LAYER, build_classifier
+from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier
 
 SHIPPED = os.path.join(ROOT, "models", "pretrained", "mobilenet_v2_0.35_96_fmnist7.weights.h5")
 
@@ -209,7 +209,7 @@ def test_a_malformed_tf_config_is_one_line(data_dir, tmp_path):
 
 def test_a_bug_keeps_its_traceback_and_is_not_called_bad_input(data_dir, tmp_path, monkeypatch):
     """Only the errors a user should read become one line; anything else escapes launch.main."""
-    from data import sources as sources_module
+    from transfer_engine.data import sources as sources_module
 
     def broken(config):
         raise KeyError("a bug in this project")
@@ -238,7 +238,7 @@ def _block_network(monkeypatch):
 
 
 def test_ctrl_c_outside_training_is_one_line_and_exit_130(data_dir, tmp_path, monkeypatch):
-    from engine import jobs
+    from transfer_engine.engine import jobs
 
     def interrupted(config):
         raise KeyboardInterrupt
@@ -280,7 +280,7 @@ def test_blocking_the_network_blocks_it(monkeypatch):
 def test_a_download_without_network_fails_at_once_with_what_to_do_offline(tmp_path, monkeypatch):
     """No Debian files, no prepared copy, no network: one probe (TFDS would retry every file for
     minutes), one line naming the flag and the ways to work offline, nothing left in --data_dir."""
-    from data import fashion_mnist_idx
+    from transfer_engine.data import fashion_mnist_idx
 
     attempts = _block_network(monkeypatch)
     monkeypatch.setattr(fashion_mnist_idx, "DEBIAN_DIR", str(tmp_path / "no_debian_package"))
@@ -418,8 +418,8 @@ MOCKED_LAUNCH = """
 import sys
 import tensorflow_datasets as tfds
 from absl import app
-import launch
-from data import sources
+from transfer_engine import launch
+from transfer_engine.data import sources
 sources._unreachable = lambda urls: None  # The mock stands in for the download: nothing to probe.
 with tfds.testing.mock_data(num_examples=40):
     app.run(launch.main, argv=["launch.py", *sys.argv[1:]], flags_parser=launch.parse_flags)
@@ -477,22 +477,22 @@ def _record(pathname, level):
 def test_the_log_keeps_this_projects_info_lines_and_only_libraries_warnings():
     import logging as std_logging
 
-    import launch
+    from transfer_engine import internals
 
     site = "lib/python3.11/site-packages/tensorflow/python/checkpoint/sharding/sharding_util.py"
     for ours in ("launch.py", "internals.py", "engine/loop.py", "data/sources.py", "models/classifier.py"):
-        assert launch._from_this_project(_record(os.path.join(ROOT, ours), std_logging.INFO)), ours
+        assert internals._from_this_project(_record(os.path.join(ROOT, ours), std_logging.INFO)), ours
     for library in (f"{ROOT}-venv/{site}", f"{ROOT}/venv/{site}", f"{ROOT}/engine-venv/{site}", f"/usr/{site}"):
-        assert not launch._from_this_project(_record(library, std_logging.INFO)), library
-        assert launch._from_this_project(_record(library, std_logging.WARNING)), library
+        assert not internals._from_this_project(_record(library, std_logging.INFO)), library
+        assert internals._from_this_project(_record(library, std_logging.WARNING)), library
 
 
 @pytest.mark.slow
 def test_a_tensorflow_warning_is_written_once_with_a_time_stamp():
-    script = ("import internals, launch, tensorflow as tf\n"
+    script = ("from transfer_engine import internals, launch\nimport tensorflow as tf\n"
               "from absl import app\n"
               "def main(argv):\n"
-              "    launch.configure_logging()\n"
+              "    internals.configure_logging()\n"
               "    tf.get_logger().warning('a warning from TensorFlow')\n"
               "app.run(main)\n")
     written = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -504,22 +504,22 @@ def test_a_tensorflow_warning_is_written_once_with_a_time_stamp():
 def test_verbosity_opens_the_log_to_every_library():
     from absl import logging
 
-    import launch
+    from transfer_engine import internals
 
     handler = logging.get_absl_handler().python_handler
     try:
-        launch.configure_logging(everything=True)
-        assert launch._from_this_project not in handler.filters
-        launch.configure_logging()
-        assert launch._from_this_project in handler.filters and logging.get_verbosity() == logging.INFO
+        internals.configure_logging(everything=True)
+        assert internals._from_this_project not in handler.filters
+        internals.configure_logging()
+        assert internals._from_this_project in handler.filters and logging.get_verbosity() == logging.INFO
     finally:
-        launch.configure_logging()
+        internals.configure_logging()
 
 
 def test_help_exits_0_and_lists_every_flag_in_readmes_groups(capsys):
     import re
 
-    from engine import config as config_lib
+    from transfer_engine.engine import config as config_lib
 
     status, _ = launch_in_process("--help")
     assert status == 0

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from engine.run_dir import LOCK, RunDir
-from errors import ConfigError
+from transfer_engine.engine.run_dir import LOCK, RunDir
+from transfer_engine.errors import ConfigError
 from helpers import ROOT, launch, tiny_config, tiny_flags
 
 

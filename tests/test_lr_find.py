@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from engine import lr_find
+from transfer_engine.engine import lr_find
 from helpers import digest_tree, launch_in_process, tiny_flags, train_run
 
 

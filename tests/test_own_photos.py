@@ -11,17 +11,17 @@ import pytest
 import skimage.data
 import tensorflow as tf
 
-from data import sources
-from engine import assembly
-from engine.assembly import trained_image_size
+from transfer_engine.data import sources
+from transfer_engine.engine import assembly
+from transfer_engine.engine.assembly import trained_image_size
 from helpers import launch_in_process, replace, tiny_flags, train_run
-from models import imagenet
+from transfer_engine.models import imagenet
 
 
 def _by_hand(run_dir, config, *, tta):
     """(losses, logits, labels) of the test split, computed by a plain Keras model.keras over the same
     images (with --tta, the mean of each image's and its mirror image's logits)."""
-    from data import pipeline
+    from transfer_engine.data import pipeline
 
     model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
     source = sources.open_source(config)
@@ -70,7 +70,7 @@ def test_the_test_s_highest_losses_are_drawn_and_listed_after_training_and_evalu
 
 
 def test_each_picture_is_titled_with_its_true_and_predicted_class():
-    from engine import top_losses
+    from transfer_engine.engine import top_losses
 
     mistakes = [top_losses.Mistake(index=4, loss=1.234, label=0, predicted=1, probability=0.8),
                 top_losses.Mistake(index=2, loss=0.1, label=1, predicted=1, probability=0.9)]
@@ -95,8 +95,8 @@ def _folder(root, counts, broken=None):
 @pytest.mark.parametrize("broken", [None, "dog"])
 def test_top_losses_name_files_only_where_the_names_are_exact(tiny, tmp_path, broken):
     """Names follow the split as read; an undecodable image shifts the decoded ones, so then only positions."""
-    from engine.run_dir import RunDir
-    from engine.training import write_top_losses
+    from transfer_engine.engine.run_dir import RunDir
+    from transfer_engine.engine.training import write_top_losses
 
     _folder(tmp_path / "photos", {"cat": 12, "dog": 12}, broken=broken)
     config = tiny(dataset=f"folder:{tmp_path / 'photos'}", label_subset=(), train_split="train", eval_split="",

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import assembly
-from errors import ConfigError
-from engine.optimizer import make_optimizer
-from engine.trainer import Stages
+from transfer_engine.engine import assembly
+from transfer_engine.errors import ConfigError
+from transfer_engine.engine.optimizer import make_optimizer
+from transfer_engine.engine.trainer import Stages
 from helpers import load_weights_file, train_run
-from models import trainability
-from models.classifier import BACKBONE_LAYER, build_classifier
-from models.trainability import Rule
+from transfer_engine.models import trainability
+from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier
+from transfer_engine.models.trainability import Rule
 
 MOVING = ("moving_mean", "moving_variance")
 
@@ -243,7 +243,7 @@ def test_weight_decay_skips_biases_and_batchnorm():
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_lora_trains_low_rank_factors_only_and_model_keras_predicts_as_the_trained_model(
         tiny, pretrained_run, tmp_path, replicas):
-    from data import pipeline
+    from transfer_engine.data import pipeline
     from helpers import replace
 
     start = os.path.join(pretrained_run, "backbone.weights.h5")

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import assembly
-from engine.optimizer import learning_rate_schedule, make_optimizer
-from engine.trainer import Trainer, balanced_class_weights, per_example_loss, summarize
+from transfer_engine.engine import assembly
+from transfer_engine.engine.optimizer import learning_rate_schedule, make_optimizer
+from transfer_engine.engine.trainer import Trainer, balanced_class_weights, per_example_loss, summarize
 from helpers import default_strategy, one_device, replace, train_run, two_devices
-from models import trainability
-from models.classifier import BACKBONE_LAYER, build_classifier
+from transfer_engine.models import trainability
+from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier
 
 
 def read_metrics(model_dir):
@@ -200,7 +200,7 @@ def test_mixed_float16_scales_the_loss_so_updates_match_float32():
 def test_per_class_accuracy_and_the_confusion_matrix_are_exact_across_replicas_and_padding():
     """Evaluation's per-class sums (one home for every metric) equal a plain count over Keras'
     own predictions, for 1 and 2 replicas, with a last batch that needs padding."""
-    from data import pipeline
+    from transfer_engine.data import pipeline
 
     keras.utils.set_random_seed(1)
     model = build_classifier(backbone="small_cnn", image_size=8, channels=1, num_classes=3)
@@ -227,7 +227,7 @@ def test_per_class_accuracy_and_the_confusion_matrix_are_exact_across_replicas_a
 
 @pytest.mark.parametrize("strategy", [default_strategy, two_devices], ids=["1 replica", "2 replicas"])
 def test_tta_evaluates_the_mean_of_each_images_and_its_mirror_images_logits(strategy):
-    from data import pipeline
+    from transfer_engine.data import pipeline
 
     keras.utils.set_random_seed(5)
     model = build_classifier(backbone="small_cnn", image_size=8, channels=1, num_classes=3)
@@ -279,7 +279,7 @@ def test_two_accumulated_half_batches_train_what_one_full_batch_does(tiny, pretr
 def test_balanced_class_weights_raise_the_minority_class_accuracy(tiny, tmp_path, caplog):
     """T-shirts against ten times fewer shirts (the shipped sample's images, as a folder): weighting the
     shirts' loss ten times more makes the model find more of them."""
-    from data import fashion_mnist_idx
+    from transfer_engine.data import fashion_mnist_idx
 
     images = fashion_mnist_idx.read_idx(fashion_mnist_idx.sample_paths("validation")[0], 2051, None)
     labels = fashion_mnist_idx.read_idx(fashion_mnist_idx.sample_paths("validation")[1], 2049, None)
@@ -355,7 +355,7 @@ def test_ema_run_saves_and_tests_the_averaged_weights_and_leaves_frozen_weights_
         if id(variable) not in trained and not variable.path.endswith(("moving_mean", "moving_variance")):
             np.testing.assert_array_equal(saved_by_path[variable.path], variable.numpy())
     # The reported test is the saved model's.
-    from engine.training import evaluate_split
+    from transfer_engine.engine.training import evaluate_split
     for weight in run.model.weights:
         weight.assign(saved_by_path[weight.path])
     plain = Trainer(model=run.model, optimizer=keras.optimizers.SGD(), strategy=run.devices.strategy,
@@ -394,8 +394,8 @@ def test_xla_on_several_gpus_trains_and_skips_an_overflow_together():
     _assert_the_replicas_skipped_together(weights, scales, initial)
     trained = on_two_simulated_gpus(
         "import keras, numpy as np\n"
-        "from engine.optimizer import make_optimizer\n"
-        "from engine.trainer import Trainer\n"
+        "from transfer_engine.engine.optimizer import make_optimizer\n"
+        "from transfer_engine.engine.trainer import Trainer\n"
         "with strategy.scope():\n"
         "    keras.utils.set_random_seed(1)\n"
         "    inputs = keras.Input((3,))\n"
@@ -471,7 +471,7 @@ def test_the_steps_compile_with_xla_under_mixed_float16_with_every_option(tiny, 
 @pytest.mark.slow
 def test_a_two_replica_scratch_run_saves_the_batchnorm_statistics_it_evaluated_with(tiny, tmp_path):
     """model.keras (the first replica's variables) gives the test loss and accuracy the run reported."""
-    from data import pipeline, sources
+    from transfer_engine.data import pipeline, sources
 
     config = tiny(cpu_replicas=2, epochs=2, bn_momentum=0.5)
     results = train_run(config, tmp_path / "run")

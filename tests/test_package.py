@@ -1,0 +1,65 @@
+"""The package as pip builds it: the wheel holds every module and shipped file under one name,
+transfer_engine, and installed in a fresh virtualenv its console command runs README's main job from a
+directory outside the checkout."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from helpers import ROOT
+
+
+def _built_wheel(folder):
+    """pip's wheel of a copy of the checkout (a build writes build/ and *.egg-info into its source tree)."""
+    source = os.path.join(folder, "source")
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "runs", "build", "dist", "*.egg-info",
+                                                                "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(folder), source], check=True, capture_output=True, timeout=600)
+    wheels = glob.glob(os.path.join(folder, "transfer_engine-*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_in_a_fresh_virtualenv_and_runs_the_main_job_from_anywhere(tmp_path):
+    wheel = _built_wheel(tmp_path / "dist")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {name.split("/")[0] for name in names} == {"transfer_engine", "transfer_engine-0.1.0.dist-info"}
+    for module in ("launch", "api", "internals", "errors", "engine/training", "models/imagenet", "data/sources"):
+        assert f"transfer_engine/{module}.py" in names, module
+    for shipped in ("configs/frozen.flags", "configs/compare.flags", "configs/cats_vs_dogs/frozen.flags",
+                    "models/pretrained/mobilenet_v2_0.35_96_fmnist7.weights.h5",
+                    "data/fashion_mnist_sample/train-images-idx3-ubyte.gz"):
+        assert f"transfer_engine/{shipped}" in names, shipped
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{wheel}[cpu]"],
+                             capture_output=True, text=True, timeout=1200)
+    assert install.returncode == 0, install.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HOME=str(tmp_path / "home"), PATH=f"{venv / 'bin'}:{env['PATH']}")
+    done = subprocess.run(["transfer-engine", "--flagfile=configs/frozen.flags"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "INFO Done: test accuracy " in done.stderr.strip().splitlines()[-1]
+    results = json.loads((elsewhere / "runs" / "frozen" / "results.json").read_text())
+    assert results["test_examples"] == 3000 and results["test_accuracy"] > 0.6
+    flags = (elsewhere / "runs" / "frozen" / "flags.txt").read_text()
+    assert f"--weights={venv}/lib/" in flags  # The shipped weights, found from outside the checkout.
+    # Installing it adds no generic top-level names another project could be shadowed by.
+    generic = subprocess.run([str(venv / "bin" / "python"), "-c", "import data"], cwd=elsewhere, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert "No module named 'data'" in generic.stderr
+    bad = subprocess.run(["transfer-engine", "--flagfile=configs/frozen.flags", "--epochs=0"], cwd=elsewhere,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert (bad.returncode, bad.stderr.strip().splitlines()[-1]) == (2, "error: --epochs=0: must be positive")

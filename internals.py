@@ -390,3 +390,30 @@ def split_parts(split):
     ReadInstruction (`all` parses to another class, which has none: not a percent slice)."""
     parts = re.split(r"\s*\+\s*", split)
     return [(part, getattr(tfds.core.ReadInstruction.from_spec(part), "unit", None) == "%") for part in parts]
+
+
+def mediapipe_metadata_writer():
+    """MediaPipe's image-classifier metadata writer (package mediapipe, the `.[mediapipe]` extra), or None
+    when it is not installed. mediapipe 1.2's wheel leaves out the C++ helper its metadata module imports
+    (mediapipe.tasks.cc.metadata.python._pywrap_metadata_version), used only to fill the metadata's
+    min_parser_version: stood in here by the oldest parser version, which MediaPipe's ImageClassifier reads."""
+    import types
+
+    helper = "mediapipe.tasks.cc.metadata.python._pywrap_metadata_version"
+    try:
+        import mediapipe  # noqa: F401
+    except ImportError:
+        return None
+    if helper not in sys.modules:
+        try:
+            __import__(helper)
+        except ImportError:
+            stand_in = types.ModuleType(helper)
+            stand_in.GetMinimumMetadataParserVersion = lambda *args, **kwargs: "1.0.0"
+            for parent in ("mediapipe.tasks.cc", "mediapipe.tasks.cc.metadata", "mediapipe.tasks.cc.metadata.python"):
+                sys.modules.setdefault(parent, types.ModuleType(parent))
+            sys.modules["mediapipe.tasks.cc.metadata.python"]._pywrap_metadata_version = stand_in
+            sys.modules[helper] = stand_in
+    from mediapipe.tasks.python.metadata.metadata_writers import image_classifier, metadata_writer
+
+    return image_classifier, metadata_writer

@@ -8,7 +8,9 @@ the Keras model on the run's test split (the parity report, export.json).
 
 Every artifact runs the model in inference mode (BatchNorm on its moving statistics, no dropout). Keras
 writes all three (`ExportArchive`, `Model.export(format="litert")` with TensorFlow's TFLite converter);
-the LiteRT files are run here by the LiteRT interpreter (package ai-edge-litert), as a phone runs them.
+the LiteRT files are run here by the LiteRT interpreter (package ai-edge-litert), as a phone runs them,
+and carry TFLite metadata (labels) written with MediaPipe's writer, checked in MediaPipe Tasks'
+ImageClassifier when mediapipe is installed (the `.[mediapipe]` extra).
 """
 
 import os
@@ -41,10 +43,11 @@ def export(config):
     model = load_model(run_dir)
     source = sources.open_source(config)
     config = sources.with_default_splits(config, source)  # A hand-written flags.txt may leave them open.
+    class_names = run_dir.read_json("results.json").get("class_names") or list(source.class_names)
     artifacts = {}
     for name in config.export_format:
         path = run_dir.file(FILES[name])
-        WRITERS[name](model, path, config=config, source=source)
+        WRITERS[name](model, path, config=config, source=source, class_names=class_names)
         artifacts[name] = path
         logging.info("Exported %s: %s (%s bytes)", name, path, f"{size_of(path):,}")
     report = parity(model, artifacts, config=config, source=source)
@@ -81,11 +84,12 @@ def write_saved_model(model, path, **_):
     replace_atomic(path, lambda temporary: archive.write_out(temporary, verbose=False))
 
 
-def write_litert(model, path, *, config, **_):
+def write_litert(model, path, *, config, class_names, **_):
     _litert(model, path, config.image_size)
+    write_metadata(path, class_names)
 
 
-def write_litert_int8(model, path, *, config, source):
+def write_litert_int8(model, path, *, config, source, class_names):
     """Full-integer quantization: int8 weights and activations, calibrated on the first
     CALIBRATION_IMAGES decodable images of the train split; takes uint8 pixels, returns float logits."""
     split = source.split(config.train_split, "train_split")
@@ -100,6 +104,32 @@ def write_litert_int8(model, path, *, config, source):
         target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
         inference_input_type=tf.uint8, inference_output_type=tf.float32,
     )
+    write_metadata(path, class_names)
+
+
+def write_metadata(path, class_names):
+    """Embeds TFLite metadata in a LiteRT file with MediaPipe's own writer: the class labels, and the input
+    as raw uint8 pixels (mean 0, std 1: the model normalises them itself), so MediaPipe Tasks'
+    ImageClassifier runs the file as it is. Without mediapipe installed (the `.[mediapipe]` extra), the
+    file has none (said once in the log)."""
+    modules = internals.mediapipe_metadata_writer()
+    if modules is None:
+        logging.warning("%s has no TFLite metadata (labels): install mediapipe (pip install \".[mediapipe]\") to "
+                        "embed it for MediaPipe Tasks", path)
+        return
+    image_classifier, metadata_writer = modules
+    with open(path, "rb") as f:
+        model = f.read()
+    writer = image_classifier.MetadataWriter.create(
+        model, input_norm_mean=[0.0], input_norm_std=[1.0], labels=metadata_writer.Labels().add(list(class_names)))
+    populated, _ = writer.populate()
+    del writer  # Its temporary folder goes now, not at interpreter exit (where its cleanup fails).
+
+    def write(temporary):
+        with open(temporary, "wb") as f:
+            f.write(populated)
+
+    replace_atomic(path, write)
 
 
 def _litert(model, path, image_size, **converter_options):
@@ -147,6 +177,30 @@ def runner(name, path):
     return run
 
 
+def mediapipe_classifier(path, model):
+    """(function: one uint8 image [size, size, 3] -> the top class index by MediaPipe Tasks' ImageClassifier
+    running the LiteRT file at `path`, None) or (None, why it cannot)."""
+    if internals.mediapipe_metadata_writer() is None:
+        return None, "mediapipe is not installed (the .[mediapipe] extra)"
+    if model.input.shape[-1] != 3 or model.output.shape[-1] < 2:
+        return None, "MediaPipe's ImageClassifier needs RGB input and a score per class (this model: " \
+                     f"{model.input.shape[-1]} channel(s), {model.output.shape[-1]} output(s))"
+    import mediapipe
+    from mediapipe.tasks.python import vision
+    from mediapipe.tasks.python.core import base_options
+
+    with internals.quiet_native_info():
+        classifier = vision.ImageClassifier.create_from_options(vision.ImageClassifierOptions(
+            base_options=base_options.BaseOptions(model_asset_path=os.path.abspath(path)), max_results=1))
+
+    def top_class(image):
+        result = classifier.classify(mediapipe.Image(image_format=mediapipe.ImageFormat.SRGB,
+                                                     data=np.ascontiguousarray(image)))
+        return result.classifications[0].categories[0].index
+
+    return top_class, None
+
+
 def predicted_class(logits):
     """Top-1 class of logits: one sigmoid logit (two classes) or one per class (softmax)."""
     return (logits[:, 0] > 0).astype(np.int64) if logits.shape[-1] == 1 else logits.argmax(-1)
@@ -159,12 +213,17 @@ def parity(model, artifacts, *, config, source):
     examples = pipeline.decoded(split, image_size=config.image_size).batch(config.batch_size)
     keras_logits = tf.function(lambda images: model(images, training=False))
     runners = {name: runner(name, path) for name, path in artifacts.items()}
+    # MediaPipe Tasks' ImageClassifier, a client of the LiteRT files (reading their metadata), top class only.
+    clients = {name: mediapipe_classifier(path, model) for name, path in artifacts.items() if name != "saved_model"}
     labels, reference, outputs = [], [], {name: [] for name in artifacts}
+    client_classes = {name: [] for name, (client, _) in clients.items() if client}
     for images, batch_labels in examples.as_numpy_iterator():
         labels.append(batch_labels)
         reference.append(keras_logits(images).numpy())
         for name, run in runners.items():
             outputs[name].append(run(images))
+        for name in client_classes:
+            client_classes[name] += [clients[name][0](image) for image in images]
     labels, reference = np.concatenate(labels), np.concatenate(reference)
     keras_classes = predicted_class(reference)
     tolerance = FLOAT_TOLERANCE * max(1.0, float(np.abs(reference).max()))
@@ -182,6 +241,10 @@ def parity(model, artifacts, *, config, source):
             "tolerance": None if name == "litert_int8" else tolerance,
             "within_rounding": None if name == "litert_int8" else max_diff <= tolerance,
         })
+        if name in clients:
+            rows[-1]["mediapipe_agreement"] = (float(np.mean(np.array(client_classes[name]) == keras_classes))
+                                               if name in client_classes else None)
+            rows[-1]["mediapipe"] = clients[name][1] or "ImageClassifier, top class against the Keras model's"
     return {
         "job": "export",
         "model": os.path.join(config.model_dir, "model.keras"),
@@ -193,11 +256,13 @@ def parity(model, artifacts, *, config, source):
 
 
 def format_table(report):
-    header = "  artifact       bytes        test acc  (keras)  agreement  max logit diff"
+    header = "  artifact       bytes        test acc  (keras)  agreement  max logit diff  MediaPipe agreement"
     lines = [header]
     for row in report["artifacts"]:
+        client = row.get("mediapipe_agreement")
         lines.append(
             f"  {row['format']:<13} {row['bytes']:>12,}  {row['test_accuracy']:.4f}    "
-            f"{report['keras_test_accuracy']:.4f}   {row['agreement']:.4f}     {row['max_logit_diff']:.3g}"
+            f"{report['keras_test_accuracy']:.4f}   {row['agreement']:.4f}     {row['max_logit_diff']:<14.3g}  "
+            + (f"{client:.4f}" if client is not None else "-" if "mediapipe" not in row else "n/a: " + row["mediapipe"])
         )
     return "\n".join(lines)

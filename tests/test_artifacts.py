@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -213,3 +214,29 @@ def test_predict_writes_one_row_per_readable_image_with_the_models_top_classes(d
         assert row[1] == names[best] and row[3] == names[second], row
         assert float(row[2]) == pytest.approx(probabilities[best], abs=1e-5)
         assert float(row[4]) == pytest.approx(probabilities[second], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_litert_files_carry_labels_that_mediapipes_image_classifier_reads_and_agrees_with(tiny, tmp_path):
+    """MediaPipe Tasks runs the exported files as they are (their TFLite metadata: labels, raw pixels in)."""
+    pytest.importorskip("mediapipe")
+    from PIL import Image
+
+    rng = np.random.default_rng(5)  # Three colours a small CNN tells apart, with noise.
+    for name, colour in {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}.items():
+        os.makedirs(tmp_path / "images" / name)
+        for index in range(24):
+            noisy = np.clip(np.array(colour) + rng.normal(0, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(tmp_path / "images" / name / f"{index}.png")
+    run = tmp_path / "run"
+    config = tiny(dataset=f"folder:{tmp_path / 'images'}", label_subset=(), train_split="train[:70%]",
+                  eval_split="train[70%:80%]", test_split="train[80%:]", epochs=3, batch_size=8)
+    train_run(config, run)
+    status, stderr = launch_in_process(f"--model_dir={run}", "--job=export", "--export_format=litert,litert_int8")
+    assert status == 0, stderr
+    rows = {row["format"]: row for row in read_json(os.path.join(run, "export.json"))["artifacts"]}
+    for name in ("litert", "litert_int8"):
+        assert rows[name]["mediapipe_agreement"] == rows[name]["agreement"], rows[name]
+        with zipfile.ZipFile(rows[name]["path"]) as packed:  # The labels: an associated file, zipped onto it.
+            assert packed.read("labels.txt").decode().split() == ["blue", "green", "red"]
+    assert rows["litert"]["mediapipe_agreement"] == 1.0

@@ -93,3 +93,22 @@ def test_the_readme_python_example_runs_as_written(tmp_path):
     assert accuracy == f"test accuracy {results['test_accuracy']:.4f}" and results["epochs_completed"] == 3
     assert predicted.startswith("[{'classes': [") and refused == "--epochs=0: must be positive"
     assert " INFO Done: test accuracy " in done.stderr  # The command's log lines, from the API too.
+
+
+@pytest.mark.slow
+def test_the_example_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    """examples/transfer_learning.ipynb in a Jupyter kernel, as a user opens it (in a folder of their own)."""
+    import nbclient
+    import nbformat
+
+    monkeypatch.setenv("PYTHONPATH", ROOT)  # The kernel imports this checkout's transfer_engine.
+    notebook = nbformat.read(os.path.join(ROOT, "examples", "transfer_learning.ipynb"), as_version=4)
+    nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    pictures = [output for output in outputs if "image/png" in output.get("data", {})]
+    assert len(pictures) == 2, [output.get("output_type") for output in outputs]  # The curves, the predictions.
+    accuracies = next(output for output in outputs if output.get("output_type") == "execute_result")
+    assert set(eval(accuracies["data"]["text/plain"])) == {"scratch", "frozen", "finetune", "staged", "lora"}
+    audit = "".join(output.get("text", "") for output in outputs if output.get("name") == "stdout")
+    assert audit.count("frozen weights changed: 0") == 5

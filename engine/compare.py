@@ -12,11 +12,13 @@ import time
 
 from absl import logging
 import keras
+import numpy as np
 import tensorflow as tf
 
 from transfer_engine.data import sources
 from transfer_engine.engine import config as config_lib
-from transfer_engine.engine import training
+from transfer_engine.engine import figures, training
+from transfer_engine.engine.confusion import MAX_DRAWN
 from transfer_engine.engine.run_dir import RunDir, replace_atomic, write_atomic
 from transfer_engine.errors import ModesFailed, RunError, first_line
 from transfer_engine.models import modes
@@ -100,6 +102,14 @@ def _number(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def _most_confused(counts, pairs=10):
+    """(true, predicted, count) of the `pairs` largest off-diagonal cells of a confusion matrix."""
+    counts = np.array(counts)
+    np.fill_diagonal(counts, 0)
+    cells = np.argsort(-counts, axis=None, kind="stable")[:pairs]
+    return [(*divmod(int(cell), len(counts)), int(counts.flat[cell])) for cell in cells if counts.flat[cell]]
+
+
 def markdown(report):
     """The comparison table, with what was compared above it."""
     described = report["config"]
@@ -107,7 +117,8 @@ def markdown(report):
     classes = next((row["class_names"] for row in done.values()), None)
     lines = [
         f"# {described['backbone']} on {described['dataset']}"
-        + (f" ({', '.join(classes)})" if classes else ""),
+        + (f" ({', '.join(classes)})" if classes and len(classes) <= MAX_DRAWN else
+           f" ({len(classes):,} classes)" if classes else ""),
         "",
         f"Weights `{described['weights']}`, {described['epochs']} epochs, batch {described['batch_size']}, "
         f"learning rate {described['learning_rate']:g}, train `{described['train_split']}`, "
@@ -128,13 +139,24 @@ def markdown(report):
             _number(row.get("images_per_sec"), ",.0f"), f"{row['wall_seconds']:.0f} s",
         ]) + " |")
     per_class = {name: row["test_class_accuracy"] for name, row in done.items() if row.get("test_class_accuracy")}
-    if per_class:
+    if per_class and len(classes) > MAX_DRAWN:  # A row per class: readable at any class count.
+        lines += ["", "Test accuracy per class:", "", "| class | " + " | ".join(per_class) + " |",
+                  "| --- |" + " ---: |" * len(per_class)]
+        lines += [f"| {c} | " + " | ".join(_number(accuracy[c], ".4f") for accuracy in per_class.values()) + " |"
+                  for c in classes]
+    elif per_class:
         lines += ["", "Test accuracy per class:", "",
                   "| mode | " + " | ".join(classes) + " |", "| --- |" + " ---: |" * len(classes)]
         lines += [f"| {name} | " + " | ".join(f"{accuracy[c]:.4f}" for c in classes) + " |"
                   for name, accuracy in per_class.items()]
     matrices = {name: row["test_confusion_matrix"]["counts"] for name, row in done.items() if row.get("test_confusion_matrix")}
-    if matrices:
+    if matrices and len(classes) > MAX_DRAWN:
+        lines += ["", f"The most confused pairs of the test split (of {len(classes):,} classes; each mode's "
+                  "results.json has its whole confusion matrix):"]
+        for name, counts in matrices.items():
+            lines += ["", f"{name}:", "", "| true | predicted | images |", "| --- | --- | ---: |"]
+            lines += [f"| {classes[true]} | {classes[predicted]} | {n:,} |" for true, predicted, n in _most_confused(counts)]
+    elif matrices:
         lines += ["", "Test confusion matrices (rows: the true class; columns: the predicted one; each mode's "
                   "confusion.png shows them normalised):"]
         for name, counts in matrices.items():
@@ -153,12 +175,7 @@ def markdown(report):
 def plot(report, path):
     """Validation accuracy and loss per epoch, one line per mode (matplotlib, no display needed).
     Returns the legend's labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, (accuracy_axes, loss_axes) = pyplot.subplots(1, 2, figsize=(11, 4.2))
+    figure, (accuracy_axes, loss_axes) = figures.new(columns=2, figsize=(11, 4.2))
     described = report["config"]
     figure.suptitle(f"{described['backbone']} on {described['dataset']}: validation per epoch, by mode")
     for name, row in report["modes"].items():
@@ -183,5 +200,4 @@ def plot(report, path):
         axes.legend()
     figure.tight_layout()
     replace_atomic(path, lambda temporary: figure.savefig(temporary, dpi=110))
-    pyplot.close(figure)
     return [text.get_text() for text in accuracy_axes.get_legend().get_texts()]

@@ -6,22 +6,19 @@ import tensorflow as tf
 from transfer_engine.engine.run_dir import replace_atomic
 
 
-def pyplot():
-    """matplotlib's pyplot on the Agg backend: no screen needed."""
-    import matplotlib
+def new(*, figsize, rows=1, columns=1, layout=None, **options):
+    """A matplotlib Figure and its axes (Figure.subplots' `options`), made without pyplot: it needs no
+    screen, and switches no backend, so a notebook's own plots still show after a run."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plot
-
-    return plot
+    drawing = Figure(figsize=figsize, layout=layout)
+    return drawing, drawing.subplots(rows, columns, **options)
 
 
 def save(run_dir, drawing, file_name, *, tag, step, dpi=110):
-    """Writes `drawing` (a matplotlib figure, closed afterwards) as run_dir/file_name and as TensorBoard
-    image `tag` at `step`."""
+    """Writes `drawing` (a matplotlib figure) as run_dir/file_name and as TensorBoard image `tag` at `step`."""
     path = run_dir.file(file_name)
     replace_atomic(path, lambda temporary: drawing.savefig(temporary, dpi=dpi))
-    pyplot().close(drawing)
     with open(path, "rb") as f:
         picture = tf.io.decode_png(f.read(), channels=3)
     with tf.summary.create_file_writer(run_dir.file("logs", "test")).as_default(step=step):

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from transfer_engine.engine import assembly, feature_cache
+from transfer_engine.engine import assembly, feature_cache, figures
 from transfer_engine.engine.run_dir import RunDir, replace_atomic
 from transfer_engine.engine.trainer import Stages
 
@@ -77,12 +77,7 @@ def suggest(rates, smoothed):
 
 def plot(report, path):
     """Smoothed loss against learning rate (log axis), the suggestion marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(figsize=(7, 4.2))
+    figure, axes = figures.new(figsize=(7, 4.2))
     axes.plot(report["rates"], report["losses"], color="lightgray", lw=1, label="loss")
     axes.plot(report["rates"], report["smoothed_losses"], lw=2, label="smoothed loss")
     suggested = report["suggested_rate"]
@@ -98,4 +93,3 @@ def plot(report, path):
     axes.legend()
     figure.tight_layout()
     replace_atomic(path, lambda temporary: figure.savefig(temporary, dpi=110))
-    pyplot.close(figure)

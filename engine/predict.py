@@ -37,6 +37,8 @@ def predict(config):
         lambda path: tf.io.read_file(path), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     found = top_classes(config, images, len(paths), decode=pipeline.decode)
     unreadable = [path for index, path in enumerate(paths) if index not in found]
+    if not found:  # Before anything is written: an earlier predictions.csv stays.
+        raise ConfigError("inputs", config.inputs, f"none of the {len(paths)} files decodes as an image: {named(paths)}")
     if unreadable:
         logging.warning(
             "%d of %d files could not be read as images, skipped: %s", len(unreadable), len(paths), named(unreadable),

@@ -72,11 +72,10 @@ def images(examples, indices):
 
 def figure(mistakes, pictures, class_names, *, names=None, title):
     """A grid of the mistakes' pictures, each titled true / predicted (probability) / loss [/ file]."""
-    pyplot = figures.pyplot()
     columns = min(4, max(1, len(mistakes)))
     rows = max(1, -(-len(mistakes) // columns))
-    drawing, axes = pyplot.subplots(rows, columns, figsize=(3 * columns, 3.8 * rows + 0.4), squeeze=False,
-                                    layout="constrained")  # Room for each picture's title and the suptitle.
+    drawing, axes = figures.new(rows=rows, columns=columns, figsize=(3 * columns, 3.8 * rows + 0.4), squeeze=False,
+                                layout="constrained")  # Room for each picture's title and the suptitle.
     for axis in axes.flat:
         axis.axis("off")
     for axis, mistake in zip(axes.flat, mistakes):

@@ -39,7 +39,14 @@ def test_a_bad_value_raises_value_error_with_the_cli_message(tiny, tmp_path, key
 def test_train_returns_the_results_it_wrote_and_keywords_take_python_values(tiny, tmp_path):
     config = tiny(model_dir=str(tmp_path / "run"))
     keywords = {**_flag_values(config), "label_subset": (6, 0, 2), "deterministic": True, "epochs": 1}
-    results = te.train(**keywords)
+    import matplotlib
+
+    matplotlib.use("svg")  # A notebook's backend: a run draws its pictures without switching it.
+    try:
+        results = te.train(**keywords)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use("Agg")
     assert results == json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["class_names"] == ["Shirt", "T-shirt/top", "Pullover"]
     assert te.config(**keywords) == config

@@ -216,6 +216,20 @@ def test_predict_writes_one_row_per_readable_image_with_the_models_top_classes(d
         assert float(row[4]) == pytest.approx(probabilities[second], abs=1e-5)
 
 
+def test_predict_where_no_input_decodes_is_one_line_exit_2_and_keeps_the_earlier_csv(pretrained_run, tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    output = tmp_path / "predictions.csv"
+    output.write_text("path,label,probability\nearlier.png,Shirt,0.9\n")
+    status, stderr = launch_in_process("--job=predict", f"--model_dir={pretrained_run}",
+                                       f"--inputs={tmp_path / 'broken.jpg'},{tmp_path / 'empty.png'}", f"--output={output}")
+    assert status == 2, stderr
+    assert stderr.strip().splitlines()[-1].endswith(": none of the 2 files decodes as an image: "
+                                                    f"{tmp_path / 'broken.jpg'}, {tmp_path / 'empty.png'}")
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert output.read_text() == "path,label,probability\nearlier.png,Shirt,0.9\n"
+
+
 @pytest.mark.slow
 def test_litert_files_carry_labels_that_mediapipes_image_classifier_reads_and_agrees_with(tiny, tmp_path):
     """MediaPipe Tasks runs the exported files as they are (their TFLite metadata: labels, raw pixels in)."""

@@ -3,6 +3,7 @@ side (table and plot); a mode that fails is reported and the others still run.""
 
 import json
 
+import numpy as np
 import pytest
 
 from transfer_engine.engine import compare
@@ -119,3 +120,29 @@ def test_compare_on_two_replicas_runs_every_mode_with_collective_all_reduces(tin
     for mode in ["scratch", "frozen", "finetune", "lora"]:
         assert _row(table, mode).startswith(f"| {mode} | done | "), _row(table, mode)
         assert json.loads((tmp_path / mode / "results.json").read_text())["devices"]["replicas"] == 2
+
+
+def test_three_hundred_classes_draw_the_most_confused_and_tabulate_per_class_rows():
+    """A run's end costs seconds at any class count: 200 classes drew a 20141x19976-pixel confusion.png."""
+    from transfer_engine.engine import confusion
+
+    classes = [f"class {k}" for k in range(300)]
+    counts = np.diag(np.full(300, 10))
+    counts[17, 17], counts[17, 230] = 4, 6  # The one confused pair.
+    drawing = confusion.figure(counts, classes, "test")
+    width, height = drawing.get_size_inches()
+    assert width * height < 30 ** 2, (width, height)  # 25 classes at most, not 300.
+    assert "the 25 most confused of 300 classes" in drawing.axes[0].get_title()
+    shown = [label.get_text() for label in drawing.axes[0].get_yticklabels()]
+    assert len(shown) == 25 and {"class 17", "class 230"} <= set(shown)
+
+    row = {"status": "done", "wall_seconds": 1.0, "class_names": classes,
+           "test_class_accuracy": {name: 1.0 for name in classes},
+           "test_confusion_matrix": {"classes": classes, "counts": counts.tolist()}}
+    config = {"backbone": "small_cnn", "dataset": "folder:x", "weights": "none", "epochs": 1, "batch_size": 8,
+              "learning_rate": 0.1, "train_split": "a", "eval_split": "b", "test_split": "c", "unfreeze": 2}
+    table = compare.markdown({"modes": {"scratch": row, "frozen": row}, "config": config})
+    assert "(300 classes)" in table.splitlines()[0]
+    assert "| class | scratch | frozen |" in table and "| class 299 | 1.0000 | 1.0000 |" in table
+    assert "| class 17 | class 230 | 6 |" in table
+    assert max(len(line) for line in table.splitlines()) < 400  # No line with a column per class.

@@ -216,11 +216,33 @@ def _renamed_into(path):
             yield partial
         except OSError as error:  # Name the file a user knows (shutil's errors name none).
             raise OSError(error.errno, error.strerror, path) from error
-        if os.path.isdir(path) and os.path.isdir(partial):
+        _sync(partial)  # Its bytes on disk before the rename makes them the file: a power loss leaves the
+        if os.path.isdir(path) and os.path.isdir(partial):  # old file or the new one, never an empty one.
             shutil.rmtree(path)
         os.replace(partial, path)
+        _sync_file(os.path.dirname(os.path.abspath(path)))  # The rename itself, as databases do.
     finally:
         _remove(partial)
+
+
+def _sync(path):
+    """fsync of a file, or of every file and folder below a folder (a SavedModel)."""
+    if os.path.isdir(path):
+        for folder, _, names in os.walk(path):
+            for name in names:
+                _sync_file(os.path.join(folder, name))
+            _sync_file(folder)
+    else:
+        _sync_file(path)
+
+
+def _sync_file(path):
+    """fsync of one file or folder (a folder's entries: the names renamed into it)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _remove(path):

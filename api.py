@@ -102,9 +102,12 @@ def predict(model_dir, images, **flags):
     --top_k class names, "probabilities": theirs} (and "path" for files).
 
     `images`: file paths, folders or globs (a str or a list; written to predictions.csv as --job=predict
-    does, files that do not decode left out and logged), or a numpy array of uint8 images, [N, H, W, C]
-    (a batch), [H, W, C] or [H, W] (one image), any size and 1 to 4 channels, converted and resized as
-    training saw its images."""
+    does, files that do not decode left out and logged), or a numpy array (or nested lists) of uint8
+    images: a batch [N, H, W, C] or [N, H, W] (gray), or one [H, W, C] or [H, W]; any size and 1 to 4
+    channels, converted and resized as training saw its images."""
+    if not isinstance(images, (np.ndarray, str, os.PathLike)) and not all(
+            isinstance(item, (str, os.PathLike)) for item in images):
+        images = np.asarray(images)  # Nested lists of pixels, as a numpy array.
     if not isinstance(images, np.ndarray):
         inputs = [images] if isinstance(images, (str, os.PathLike)) else list(images)
         return _run("predict", {"model_dir": model_dir, "inputs": [os.fspath(path) for path in inputs],
@@ -112,18 +115,21 @@ def predict(model_dir, images, **flags):
     array = _image_array(images)
     _logging()
     run = config(job="predict", model_dir=model_dir, **flags)
-    found = top_classes(run, tf.data.Dataset.from_tensor_slices(array), len(array), decode=pipeline.conform)
+    conform = lambda image, image_size, channels, max_pixels: pipeline.conform(image, image_size=image_size, channels=channels)
+    found = top_classes(run, tf.data.Dataset.from_tensor_slices(array), len(array), decode=conform)
     return [{"classes": found[index][0], "probabilities": found[index][1]} for index in range(len(array))]
 
 
 def _image_array(images):
-    """`images` as uint8 [N, H, W, C]: [N, H, W, C] as it is, [H, W, C] one image, [H, W] one gray image."""
-    images = images[None] if images.ndim in (2, 3) else images
-    images = images[..., None] if images.ndim == 3 else images
+    """`images` as uint8 [N, H, W, C]: [N, H, W, C] as it is; [H, W] one gray image; [H, W, C] with C of 1
+    to 4 one image, else [N, H, W] gray images (Fashion-MNIST's shape)."""
     shape = "x".join(map(str, images.shape))
+    if images.ndim == 2 or (images.ndim == 3 and images.shape[-1] <= 4):
+        images = images[None]
+    images = images[..., None] if images.ndim == 3 else images
     if images.ndim != 4 or images.shape[-1] > 4 or 0 in images.shape:
-        raise ConfigError("images", shape, "must be [N, height, width, 1 to 4 channels], one [height, width, "
-                          "channels] or one [height, width] gray image")
+        raise ConfigError("images", shape, "must be images: [N, height, width, 1 to 4 channels], [N, height, width] "
+                          "gray, or one [height, width, channels] or [height, width]")
     if not np.issubdtype(images.dtype, np.integer) or images.min() < 0 or images.max() > 255:
         raise ConfigError("images", f"{shape} {images.dtype}", "must hold integer pixel values 0 to 255 (uint8)")
     return images.astype(np.uint8)

@@ -33,7 +33,8 @@ def fail(message):
 HELP = ("-h", "-help", "--help", "--helpshort", "-?")
 USAGE = """transfer-engine: trains image classifiers by transfer learning (README.md says how).
 
-    python launch.py --flagfile=configs/frozen.flags [--flag=value ...]
+    transfer-engine --flagfile=configs/frozen.flags [--flag=value ...]   (installed)
+    python launch.py --flagfile=configs/frozen.flags [--flag=value ...]  (in a checkout)
 
 Later flags override earlier ones and the flagfile's."""
 MORE = """Also: --flagfile=FILE reads flags from FILE, one per line; --verbosity=0 lets every library's INFO lines

@@ -67,11 +67,49 @@ def options(deterministic):
     return result
 
 
-def decode(encoded, *, image_size, channels):
+# Images with more pixels are skipped unread (--max_image_pixels): a 1.2 MB PNG of 20000x20000 pixels took
+# 7.6 GB to decode. PIL's limit for its decompression-bomb warning: 0.25 GB of RGB pixels.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def decode(encoded, *, image_size, channels, max_pixels=MAX_IMAGE_PIXELS):
     """Encoded image bytes (JPEG, PNG, BMP, GIF's first frame; gray, gray+alpha, RGB or RGBA) -> uint8
-    [image_size, image_size, channels]: alpha dropped, gray repeated to RGB or RGB averaged to gray."""
-    # Its own channels (decode_image's default): not every format converts.
-    return conform(tf.io.decode_image(encoded, expand_animations=False), image_size=image_size, channels=channels)
+    [image_size, image_size, channels]: alpha dropped, gray repeated to RGB or RGB averaged to gray. An
+    image whose header says it has more than `max_pixels` pixels fails before it is decoded (the
+    pipelines skip and name what fails)."""
+    too_large = tf.debugging.assert_less_equal(
+        header_pixels(encoded), tf.constant(max_pixels, tf.int64), message="more pixels than --max_image_pixels")
+    with tf.control_dependencies([too_large]):
+        # Its own channels (decode_image's default): not every format converts.
+        image = tf.io.decode_image(encoded, expand_animations=False)
+    return conform(image, image_size=image_size, channels=channels)
+
+
+def header_pixels(encoded):
+    """Width x height from an encoded image's header, without decoding it (JPEG, PNG, GIF, BMP; 0 for
+    another format or a header too short, which decoding then refuses)."""
+    length = tf.strings.length(encoded)
+
+    def integers(start, count, size, little_endian):
+        raw = tf.io.decode_raw(tf.strings.substr(encoded, start, count * size), tf.uint8)
+        raw = tf.cast(tf.reshape(raw, [count, size]), tf.int64)
+        raw = raw[:, ::-1] if little_endian else raw
+        return tf.reduce_sum(raw * (256 ** tf.range(size - 1, -1, -1, dtype=tf.int64)), axis=1)
+
+    def signed(value, bits):  # BMP's height is negative for top-down rows.
+        return tf.abs(tf.where(value >= 2 ** (bits - 1), value - 2 ** bits, value))
+
+    magic = tf.strings.substr(encoded, 0, 4)
+    jpeg = lambda: tf.reduce_prod(tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64))
+    png = lambda: tf.reduce_prod(integers(16, 2, 4, little_endian=False))
+    gif = lambda: tf.reduce_prod(integers(6, 2, 2, little_endian=True))
+    bmp = lambda: tf.reduce_prod(signed(integers(18, 2, 4, little_endian=True), 32))
+    return tf.case([
+        (tf.logical_and(tf.strings.substr(magic, 0, 2) == b"\xff\xd8", length >= 4), jpeg),
+        (tf.logical_and(magic == b"\x89PNG", length >= 24), png),
+        (tf.logical_and(tf.strings.substr(magic, 0, 3) == b"GIF", length >= 10), gif),
+        (tf.logical_and(tf.strings.substr(magic, 0, 2) == b"BM", length >= 26), bmp),
+    ], default=lambda: tf.constant(0, tf.int64), exclusive=True)
 
 
 def conform(image, *, image_size, channels):
@@ -92,7 +130,7 @@ def conform(image, *, image_size, channels):
     return image
 
 
-def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic=True):
+def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic=True, max_pixels=MAX_IMAGE_PIXELS):
     """Decodes, resizes and caches this worker's shard of `split`, counting what decoded.
 
     `cache` is "memory", "none", or a directory for cache files (reused by later runs with the same
@@ -104,7 +142,7 @@ def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic
     if worker.count > 1:
         dataset = dataset.shard(worker.count, worker.index)
     dataset = dataset.map(
-        lambda image, label: (decode(image, image_size=image_size, channels=channels), label),
+        lambda image, label: (decode(image, image_size=image_size, channels=channels, max_pixels=max_pixels), label),
         num_parallel_calls=AUTOTUNE,
     ).ignore_errors()
     if cache == "memory":
@@ -112,8 +150,9 @@ def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic
     elif cache != "none":
         os.makedirs(cache, exist_ok=True)
         source = split.source
+        limit = f"max{max_pixels}px" if max_pixels != MAX_IMAGE_PIXELS else ""  # What the cache holds.
         name = "_".join(filter(None, (source.name, source.split_scheme, str(source.label_subset), split.name,
-                                      f"{image_size}px", f"{worker.index}of{worker.count}")))
+                                      f"{image_size}px", limit, f"{worker.index}of{worker.count}")))
         dataset = dataset.cache(os.path.join(cache, re.sub(r"[^\w.-]+", "_", name)))
     dataset = dataset.with_options(options(deterministic))
     class_counts = np.zeros(split.source.num_classes, np.int64)
@@ -123,18 +162,18 @@ def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic
     skipped = worker.shard_size(split.num_examples) - count
     return Examples(
         split=split, dataset=dataset, count=count, skipped=skipped, class_counts=tuple(int(n) for n in class_counts),
-        undecodable=_undecodable(split, worker, image_size, channels) if skipped else (),
+        undecodable=_undecodable(split, worker, image_size, channels, max_pixels) if skipped else (),
     )
 
 
-def _undecodable(split, worker, image_size, channels):
+def _undecodable(split, worker, image_size, channels, max_pixels):
     """Names of this worker's examples of `split` that `decode` skips."""
     indexed = split.source.read(split.name).enumerate()
     if worker.count > 1:
         indexed = indexed.shard(worker.count, worker.index)
     everything = indexed.map(lambda index, example: index)
     decoded = indexed.map(
-        lambda index, example: (index, decode(example[0], image_size=image_size, channels=channels))
+        lambda index, example: (index, decode(example[0], image_size=image_size, channels=channels, max_pixels=max_pixels))
     ).ignore_errors().map(lambda index, image: index)
     missing = set(everything.as_numpy_iterator()) - set(decoded.as_numpy_iterator())
     return tuple(split.source.example_name(split.name, int(index)) for index in sorted(missing))
@@ -265,12 +304,12 @@ def eval_dataset(examples, *, batch_size, steps, local_replicas=1, deterministic
     return dataset.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE).with_options(options(deterministic))
 
 
-def decoded(split, *, image_size):
+def decoded(split, *, image_size, max_pixels=MAX_IMAGE_PIXELS):
     """(uint8 image, label) of `split` in order, decoded with a plain `map` (no parallelism, no cache),
     undecodable images skipped: the tutorials' pipeline, and a few examples cheaply."""
     channels = split.source.channels
     return split.source.read(split.name).map(
-        lambda image, label: (decode(image, image_size=image_size, channels=channels), label)
+        lambda image, label: (decode(image, image_size=image_size, channels=channels, max_pixels=max_pixels), label)
     ).ignore_errors()
 
 

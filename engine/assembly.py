@@ -211,7 +211,7 @@ def _prepare(config, source, worker, name):
     started = time.perf_counter()
     prepared = pipeline.prepare(
         split, image_size=config.image_size, cache=_cache_dir(config), worker=worker,
-        deterministic=config.deterministic,
+        deterministic=config.deterministic, max_pixels=config.max_image_pixels,
     )
     if prepared.count == 0:
         raise ConfigError(f"{name}_split", split_name, "has no image that decodes")
@@ -220,8 +220,8 @@ def _prepare(config, source, worker, name):
         "" if config.cache == "none" else " and cached", time.perf_counter() - started,
     )
     if prepared.skipped:
-        logging.warning("%s: %d undecodable examples skipped: %s", name, prepared.skipped,
-                        named(prepared.undecodable, prepared.skipped))
+        logging.warning("%s: %d undecodable examples skipped (or above --max_image_pixels=%d): %s", name,
+                        prepared.skipped, config.max_image_pixels, named(prepared.undecodable, prepared.skipped))
     # With several workers a shard may lack a class that the split has: only one worker sees it all.
     if name == "train" and worker.count == 1:
         counts = prepared.class_counts

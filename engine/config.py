@@ -162,6 +162,11 @@ class Config:
         "times faster); off: always run the whole model.",
         choices=("auto", "off"),
     )
+    max_image_pixels: int = _option(
+        89_478_485,
+        "Images whose header gives more pixels (width x height) are skipped unread and named, in training, "
+        "evaluation, export and predict: a 1.2 MB file can decode to gigabytes. The default is PIL's limit.",
+    )
     feature_cache_max_gb: float = _option(
         None,
         "Largest feature cache kept in memory (default: a quarter of this machine's memory); a larger one "
@@ -288,7 +293,8 @@ FLAG_GROUPS = (
     ("The model (README: Backbones)", ("backbone", "alpha", "image_size", "weights", "dropout", "bn_momentum")),
     ("The data (README: Data)", (
         "dataset", "data_dir", "manual_dir", "train_split", "eval_split", "test_split", "label_subset", "cache",
-        "shuffle_buffer", "augment", "mixup", "cutmix", "tta", "deterministic", "feature_cache", "feature_cache_max_gb")),
+        "shuffle_buffer", "augment", "mixup", "cutmix", "tta", "deterministic", "feature_cache", "feature_cache_max_gb",
+        "max_image_pixels")),
     ("Optimisation", (
         "batch_size", "grad_accum_steps", "epochs", "steps_per_epoch", "early_stopping", "keep_best",
         "steps_per_loop", "optimizer", "learning_rate", "lr_schedule", "warmup_steps", "weight_decay",
@@ -302,7 +308,7 @@ FLAG_GROUPS = (
 
 # What a run's HParams row shows (engine/run_dir.py): the flags that describe what it trained and how, not
 # where files are or how it was scheduled.
-NOT_HPARAMS = ("job", "model_dir", "data_dir", "manual_dir", "cache", "feature_cache_max_gb", "steps_per_loop",
+NOT_HPARAMS = ("job", "model_dir", "data_dir", "manual_dir", "cache", "feature_cache_max_gb", "max_image_pixels", "steps_per_loop",
                "tpu", "checkpoint_every", "keep_checkpoints", "export_format", "inputs", "output", "top_k")
 
 
@@ -401,7 +407,7 @@ def validate(config):
             raise ConfigError(field.name, value, f"must be one of {', '.join(choices)}")
     if config.image_size is None:
         config = dataclasses.replace(config, image_size=BACKBONES[config.backbone].default_image_size)
-    positive = ["lora_rank", "batch_size", "grad_accum_steps", "epochs", "steps_per_loop", "cpu_replicas", "keep_checkpoints",
+    positive = ["max_image_pixels", "lora_rank", "batch_size", "grad_accum_steps", "epochs", "steps_per_loop", "cpu_replicas", "keep_checkpoints",
                 "learning_rate", "alpha", "image_size", "steps_per_epoch"]
     for name in positive:
         value = getattr(config, name)

@@ -93,7 +93,7 @@ def write_litert_int8(model, path, *, config, source, class_names):
     """Full-integer quantization: int8 weights and activations, calibrated on the first
     CALIBRATION_IMAGES decodable images of the train split; takes uint8 pixels, returns float logits."""
     split = source.split(config.train_split, "train_split")
-    images = pipeline.decoded(split, image_size=config.image_size).take(CALIBRATION_IMAGES)
+    images = pipeline.decoded(split, image_size=config.image_size, max_pixels=config.max_image_pixels).take(CALIBRATION_IMAGES)
 
     def calibration():
         for image, _ in images.batch(1):
@@ -210,7 +210,7 @@ def parity(model, artifacts, *, config, source):
     """Each artifact and the Keras model on every test image: accuracy, top-1 agreement with Keras and
     the largest logit difference."""
     split = source.split(config.test_split, "test_split")
-    examples = pipeline.decoded(split, image_size=config.image_size).batch(config.batch_size)
+    examples = pipeline.decoded(split, image_size=config.image_size, max_pixels=config.max_image_pixels).batch(config.batch_size)
     keras_logits = tf.function(lambda images: model(images, training=False))
     runners = {name: runner(name, path) for name, path in artifacts.items()}
     # MediaPipe Tasks' ImageClassifier, a client of the LiteRT files (reading their metadata), top class only.

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from transfer_engine.data import pipeline
 from transfer_engine.engine.compiled_forward import CompiledForward
 from transfer_engine.models import modes
 from transfer_engine.models.classifier import BACKBONE_LAYER
@@ -269,7 +270,7 @@ def folder_name(run, lower, examples):
     key = hashlib.sha1(repr((
         lower.output.shape, lower.output.dtype, examples.split.source.name, examples.split.source.label_subset,
         examples.split.source.split_scheme, examples.split.name, run.config.image_size, run.worker,
-    )).encode())
+    ) + ((run.config.max_image_pixels,) if run.config.max_image_pixels != pipeline.MAX_IMAGE_PIXELS else ())).encode())
     for weight in lower.weights:
         key.update(np.asarray(weight.numpy()).tobytes())
     return key.hexdigest()[:16]

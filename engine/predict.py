@@ -41,7 +41,8 @@ def predict(config):
         raise ConfigError("inputs", config.inputs, f"none of the {len(paths)} files decodes as an image: {named(paths)}")
     if unreadable:
         logging.warning(
-            "%d of %d files could not be read as images, skipped: %s", len(unreadable), len(paths), named(unreadable),
+            "%d of %d files could not be read as images (or are above --max_image_pixels=%d), skipped: %s",
+            len(unreadable), len(paths), config.max_image_pixels, named(unreadable),
         )
     top_k = min(config.top_k, max((len(classes) for classes, _ in found.values()), default=1))
     header = ["path", "label", "probability"] + [
@@ -74,7 +75,8 @@ def top_classes(config, images, count, *, decode):
     top_k = min(config.top_k, len(class_names))
     channels = model.input.shape[-1]
     indexed = tf.data.Dataset.zip(tf.data.Dataset.range(count), images).map(
-        lambda index, element: (index, decode(element, image_size=config.image_size, channels=channels)),
+        lambda index, element: (index, decode(element, image_size=config.image_size, channels=channels,
+                                              max_pixels=config.max_image_pixels)),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
     ).ignore_errors()
     batches = devices.strategy.experimental_distribute_dataset(indexed.batch(config.batch_size).prefetch(2))

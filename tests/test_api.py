@@ -76,6 +76,9 @@ def test_predict_on_arrays_gives_what_predict_on_files_gives(pretrained_run, tmp
         assert sorted(array_row["classes"]) == ["Pullover", "Shirt", "T-shirt/top"]
     one = te.predict(pretrained_run, images[0], top_k=3)
     assert one == on_arrays[:1]
+    assert te.predict(pretrained_run, images.tolist(), top_k=3) == on_arrays  # Nested lists of pixels.
+    gray = images[..., 0]  # [N, H, W]: Fashion-MNIST's shape, gray images.
+    assert te.predict(pretrained_run, gray, top_k=3) == te.predict(pretrained_run, gray[..., None], top_k=3)
     with pytest.raises(ValueError, match=r"^--images=5x40x40x3 float64: must hold integer pixel values 0 to 255"):
         te.predict(pretrained_run, images / 255.0)
 

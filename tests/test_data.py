@@ -553,3 +553,25 @@ def test_the_pipeline_throughput_helper_counts_the_images_of_the_timed_batches(s
     repeated = sizes * 3
     assert pipeline.images_per_sec(naive, batches=3, warmup=2) == sum(repeated[2:5])
     assert pipeline.images_per_sec(naive, batches=len(sizes), warmup=0) == split.num_examples
+
+
+def test_an_image_above_the_pixel_limit_is_skipped_unread_and_named(tiny, tmp_path, caplog):
+    """A 1.2 MB PNG of 20000x20000 pixels took 7.6 GB to decode: the header's size is checked first."""
+    import io
+
+    from PIL import Image
+
+    from transfer_engine.data import pipeline
+
+    for size, fmt in ((300, "PNG"), (301, "JPEG"), (302, "GIF"), (303, "BMP")):
+        encoded = io.BytesIO()
+        Image.new("RGB", (size, 200)).save(encoded, fmt)
+        assert int(pipeline.header_pixels(tf.constant(encoded.getvalue()))) == size * 200, fmt
+    folder = tmp_path / "images"
+    _write_folder(folder, per_class=4)
+    Image.new("L", (20000, 20000)).save(folder / "cat" / "bomb.png")  # 388 kB; 400 million pixels.
+    source = sources.open_source(tiny(dataset=f"folder:{folder}", label_subset=()))
+    split = source.split("train", "train_split")
+    prepared = pipeline.prepare(split, image_size=16, max_pixels=10_000)
+    assert prepared.count == 8 and prepared.undecodable == (str(folder / "cat" / "bomb.png"),)
+    assert pipeline.prepare(split, image_size=16, max_pixels=20_000 * 20_000).count == 9

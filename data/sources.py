@@ -226,6 +226,7 @@ class FolderSource(Source):
 
     def _read(self, split):
         paths, labels = self._selected(split, self.paths), self._selected(split, self.labels)
+        paths = np.array([os.fsencode(path) for path in paths], object)  # As bytes: a name need not be UTF-8.
         return tf.data.Dataset.from_tensor_slices((paths, labels)).map(
             lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=tf.data.AUTOTUNE
         )

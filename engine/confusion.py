@@ -35,6 +35,7 @@ def figure(counts, class_names, title):
     """Rows normalised to the true class's examples (colour and percentage), with each cell's count; with
     more than MAX_DRAWN classes, the most confused ones (drawn_classes), said in the title."""
     counts = np.asarray(counts)
+    class_names = [figures.printable(name) for name in class_names]
     totals = counts.sum(axis=1, keepdims=True)
     rates = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
     shown = drawn_classes(counts)
@@ -51,7 +52,7 @@ def figure(counts, class_names, title):
     axes.set_yticks(ticks, class_names)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
-    axes.set_title(title)
+    axes.set_title(figures.printable(title))
     for row in ticks:
         for column in ticks:
             axes.text(column, row, f"{counts[row, column]:,}\n{rates[row, column]:.0%}", ha="center", va="center",

@@ -15,6 +15,11 @@ def new(*, figsize, rows=1, columns=1, layout=None, **options):
     return drawing, drawing.subplots(rows, columns, **options)
 
 
+def printable(text):
+    """`text` as a font can draw it: a name that is not UTF-8 (os.listdir's surrogate escapes) gets U+FFFD."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def save(run_dir, drawing, file_name, *, tag, step, dpi=110):
     """Writes `drawing` (a matplotlib figure) as run_dir/file_name and as TensorBoard image `tag` at `step`."""
     path = run_dir.file(file_name)

@@ -33,7 +33,7 @@ def predict(config):
         raise ConfigError("inputs", "", "--job=predict needs images: files, folders or globs")
     paths = find_images(config.inputs)
     output = config.output or RunDir(config.model_dir).file("predictions.csv")
-    images = tf.data.Dataset.from_tensor_slices(paths).map(
+    images = tf.data.Dataset.from_tensor_slices(np.array([os.fsencode(path) for path in paths], object)).map(
         lambda path: tf.io.read_file(path), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     found = top_classes(config, images, len(paths), decode=pipeline.decode)
     unreadable = [path for index, path in enumerate(paths) if index not in found]

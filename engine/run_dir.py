@@ -189,8 +189,9 @@ def _holder(handle):
 
 
 def write_atomic(path, text):
-    """Writes text via a temporary file and a rename, so a kill or a full disk never leaves half a file."""
-    with _renamed_into(path) as partial, open(partial, "w") as f:
+    """Writes text via a temporary file and a rename, so a kill or a full disk never leaves half a file. A
+    file name that is not UTF-8 (Python's surrogate escapes, as os.listdir gives it) is written as its bytes."""
+    with _renamed_into(path) as partial, open(partial, "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write(text)
 
 

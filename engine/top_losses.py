@@ -85,8 +85,8 @@ def figure(mistakes, pictures, class_names, *, names=None, title):
                  f"({mistake.probability:.2f})", f"loss {mistake.loss:.2f}"]
         if names:
             lines.append(os.path.basename(names[mistake.index])[:28])
-        axis.set_title("\n".join(lines), fontsize=8, color="black" if mistake.label == mistake.predicted else "darkred")
-    drawing.suptitle(title, fontsize=10)
+        axis.set_title(figures.printable("\n".join(lines)), fontsize=8, color="black" if mistake.label == mistake.predicted else "darkred")
+    drawing.suptitle(figures.printable(title), fontsize=10)
     return drawing
 
 

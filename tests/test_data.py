@@ -575,3 +575,30 @@ def test_an_image_above_the_pixel_limit_is_skipped_unread_and_named(tiny, tmp_pa
     prepared = pipeline.prepare(split, image_size=16, max_pixels=10_000)
     assert prepared.count == 8 and prepared.undecodable == (str(folder / "cat" / "bomb.png"),)
     assert pipeline.prepare(split, image_size=16, max_pixels=20_000 * 20_000).count == 9
+
+
+def test_names_that_are_not_utf8_are_read_trained_on_and_predicted_like_any_other(tiny, tmp_path):
+    """Disks written by other systems hold such names: training and predict ended in a traceback."""
+    from helpers import launch_in_process, tiny_flags
+
+    root = os.fsencode(tmp_path / "images")
+    rng = np.random.default_rng(1)
+    for folder in (b"caf\xe9", b"dog"):
+        os.makedirs(os.path.join(root, folder))
+        for i in range(10):
+            name = os.path.join(root, folder, b"\xff%d.png" % i if i % 2 else b"%d.png" % i)
+            with open(name, "wb") as f:
+                f.write(tf.io.encode_png(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).numpy())
+    run = tmp_path / "run"
+    config = tiny(dataset=f"folder:{tmp_path / 'images'}", label_subset=(), model_dir=str(run), batch_size=2,
+                  train_split=None, eval_split=None, test_split=None)
+    status, stderr = launch_in_process(*tiny_flags(config))
+    assert status == 0, stderr
+    with open(run / "results.json") as f:
+        assert json.load(f)["class_names"] == ["caf\udce9", "dog"]
+    status, stderr = launch_in_process("--job=predict", f"--model_dir={run}", f"--inputs={tmp_path / 'images'}")
+    assert status == 0, stderr
+    with open(run / "predictions.csv", "rb") as f:
+        rows = f.read().splitlines()[1:]
+    assert sorted(row.split(b",")[0] for row in rows) == sorted(
+        os.path.join(root, folder, name) for folder in (b"caf\xe9", b"dog") for name in os.listdir(os.path.join(root, folder)))

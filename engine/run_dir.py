@@ -101,7 +101,14 @@ class RunDir:
                 )
 
     def start(self, config):
-        """Creates the directory and writes flags.txt; the first write of a run."""
+        """Creates the directory and writes flags.txt; the first write of a run. A directory whose name is so
+        long that the checkpoint files below it would pass the system's limit on a path is refused here,
+        not at the first save, an epoch later."""
+        longest = len(os.fsencode(os.path.abspath(self.file(*LONGEST_FILE))))
+        limit = _path_limit(self.path)
+        if longest > limit:
+            raise ConfigError("model_dir", self.path, f"is too long: files below it would have paths of {longest} "
+                              f"bytes, over this system's limit of {limit}")
         try:
             os.makedirs(self.path, exist_ok=True)
             write_atomic(self.file("flags.txt"), config.to_flagfile())
@@ -175,15 +182,33 @@ class RunDir:
         write_atomic(self.file(name), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+# The longest path a run writes below its directory: a checkpoint's temporary shard as TensorFlow names it.
+LONGEST_FILE = ("checkpoints", "ckpt-9999999_temp", "part-00000-of-00001.data-00000-of-00001.tempstate" + "9" * 20)
+
+
+def _path_limit(path):
+    """The longest path (bytes) the file system holding `path` (or its nearest existing parent) allows."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        return os.pathconf(path, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 4096
+
+
 def _holder(handle):
     """'pid N on HOST since HH:MM:SS' of the lock file's writer, or '' for an empty file."""
     handle.seek(0)
+    text = handle.read()
     try:
-        holder = json.loads(handle.read() or "null")
+        holder = json.loads(text or "null")
     except ValueError:
-        return "unreadable lock file"
+        holder = text
     if not holder:
         return ""
+    if not isinstance(holder, dict) or not {"pid", "host", "since"} <= set(holder):  # Another tool's, or damaged.
+        return f"a lock file holding {str(holder)[:40]!r}"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
     return f"pid {holder['pid']} on {holder['host']}, since {since}"
 

@@ -43,9 +43,9 @@ def _train(config, run, run_dir, started, progress_label):
     if restored and (run.epochs_done >= config.epochs or finished.get("stopped_early")) and (
         finished.get("global_step") == int(run.state.step.numpy())
     ):
-        logging.info("Complete: this run has trained its %d epochs (step %d); nothing changed. Its results are in "
-                     "%s; a larger --epochs continues it", config.epochs, finished["global_step"],
-                     run_dir.file("results.json"))
+        logging.info("Complete: this run has trained %d epochs (step %d)%s; nothing changed. Its results are in "
+                     "%s; a larger --epochs continues it", run.epochs_done, finished["global_step"],
+                     ", stopping early" if finished.get("stopped_early") else "", run_dir.file("results.json"))
         return finished
     run_dir.start(config)
     splits, features = run.splits, None

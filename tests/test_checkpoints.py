@@ -274,3 +274,12 @@ def test_early_stopping_stops_when_patience_runs_out_and_keep_best_reports_the_b
     before = digest_tree(run)
     status, stderr = launch_in_process(*tiny_flags(config))
     assert status == 0 and digest_tree(run) == before, stderr
+
+
+@pytest.mark.slow
+def test_a_finished_run_rerun_with_fewer_epochs_says_how_many_it_trained(tiny, tmp_path, caplog):
+    config = tiny(epochs=2, train_split="train[:1%]")
+    results = train_run(config, tmp_path / "run")
+    with caplog.at_level("INFO"):
+        assert train_run(tiny(epochs=1, train_split="train[:1%]"), tmp_path / "run") == results
+    assert f"Complete: this run has trained 2 epochs (step {results['global_step']}); nothing changed." in caplog.text

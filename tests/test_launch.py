@@ -143,6 +143,7 @@ BAD_INPUT = [
     (["--mode=frozen", "--weights=/no/such.weights.h5"], "--weights=/no/such.weights.h5: no such file"),
     (["--mode=frozen", "--weights={wrong}"], "--weights={wrong}: does not fit this backbone"),
     (["--model_dir={file}/run"], "--model_dir={file}/run: is not writable (Not a directory)"),
+    (["--model_dir={long}"], "--model_dir={long}: is too long: files below it would have paths of "),
     (["--backbone=mobilenet_v2", "--alpha=0.35"], "--model_dir={run}: holds a run with --backbone=small_cnn"),
     (["--learning_rate=0.01"], "--model_dir={run}: holds a run with --learning_rate=0.001, not 0.01"),
     (["--strategy=multi_worker"], "--strategy=multi_worker: needs TF_CONFIG"),
@@ -163,7 +164,8 @@ def stray_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stray")
     (folder / "plain_file").write_text("not a directory")
     (folder / "stray.flags").write_text("--epochs=1\nbatch_size 8\n")
-    return {"file": str(folder / "plain_file"), "flagfile": str(folder / "stray.flags")}
+    long = os.path.join(str(folder), *["d" * 200] * 20)  # Each name allowed; the checkpoint paths below it not.
+    return {"file": str(folder / "plain_file"), "flagfile": str(folder / "stray.flags"), "long": long}
 
 
 @pytest.mark.parametrize("bad, message", BAD_INPUT, ids=[" ".join(bad) for bad, _ in BAD_INPUT])

@@ -39,6 +39,16 @@ def test_the_lock_of_a_dead_run_is_taken_over_with_a_warning(tmp_path, caplog):
     assert "took over the lock of a run that ended without releasing it (pid 999999 on elsewhere" in caplog.text
 
 
+@pytest.mark.parametrize("text", ["12345", '{"pid": 7}', "[1, 2]", "not json at all"])
+def test_a_lock_file_of_another_shape_is_taken_over_as_stale(tmp_path, caplog, text):
+    """A bare pid, unexpected JSON or text (another tool's, or damaged): a warning, not a traceback."""
+    (tmp_path / LOCK).write_text(text)
+    with caplog.at_level("WARNING"):
+        with RunDir(str(tmp_path)).lock():
+            assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    assert "took over the lock of a run that ended without releasing it (a lock file holding " in caplog.text
+
+
 @pytest.mark.slow
 def test_a_second_run_on_a_training_directory_exits_2_and_a_killed_runs_lock_is_taken_over(data_dir, tmp_path):
     model_dir = str(tmp_path / "run")

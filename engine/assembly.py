@@ -226,8 +226,11 @@ def _prepare(config, source, worker, name):
     if name == "train" and worker.count == 1:
         counts = prepared.class_counts
         if 0 in counts:
-            raise ConfigError("train_split", split_name, f"has no image of class {source.class_names[counts.index(0)]} "
-                              "that decodes")
+            missing = counts.index(0)
+            held = source.class_counts(split_name)[missing]  # Before decoding: none at all, or none decoding?
+            raise ConfigError("train_split", split_name, f"has no image of class {source.class_names[missing]}"
+                              + (" that decodes" if held else " (pick a split that has some, or leave the class out "
+                                 "with --label_subset)"))
         few = [f"{source.class_names[label]} ({count})" for label, count in enumerate(counts) if count < FEW_IMAGES]
         if few:
             logging.warning("train: few training images of %s: a class with fewer than %d is learnt poorly (add "

@@ -137,6 +137,8 @@ BAD_INPUT = [
     (["--job=compare", "--unfreeze=2", "--test_split=validation"], "--test_split=validation: not a split of"),
     (["--label_subset=6,0,2", "--eval_split=test[:12]"], "--label_subset=6,0,2: label 6 does not occur in --eval_split=test[:12]"),
     (["--train_split=train[:0]"], "--train_split=train[:0]: selects no examples"),
+    (["--label_subset=", "--train_split=train[:2]"],
+     "--train_split=train[:2]: has no image of class T-shirt/top (pick a split that has some"),
     (["--test_split=validation"], "--test_split=validation: not a split of fashion_mnist"),
     (["--flagfile=/no/such.flags"], "--flagfile: Unable to open flagfile"),
     (["--flagfile={flagfile}"], "unexpected argument 'batch_size 8'"),

@@ -40,6 +40,7 @@ class ExportMismatch(RunError):
 def export(config):
     """Writes each --export_format artifact of the run in --model_dir and its parity report."""
     run_dir = RunDir(config.model_dir)
+    run_dir.refuse_if_training("export")
     model = load_model(run_dir)
     source = sources.open_source(config)
     config = sources.with_default_splits(config, source)  # A hand-written flags.txt may leave them open.

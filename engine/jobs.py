@@ -24,6 +24,7 @@ from transfer_engine.errors import ConfigError
 def evaluate(config):
     """Evaluates the latest checkpoint of --model_dir on the eval and test splits."""
     run_dir = RunDir(config.model_dir)
+    run_dir.refuse_if_training("evaluate")
     run = assembly.build(config, pretrained=False)
     restored = run.checkpoints.restore(model_only=True)
     if not restored:

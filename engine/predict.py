@@ -67,6 +67,7 @@ def top_classes(config, images, count, *, decode):
     dataset) that `decode(element, image_size=, channels=)` turns into an image, by the run's model.keras
     (--tta: with mirror images). Elements that fail to decode are left out."""
     run_dir = RunDir(config.model_dir)
+    run_dir.refuse_if_training("predict")
     class_names = run_dir.read_json("results.json").get("class_names")
     devices = distribute.configure(config)
     with devices.strategy.scope():

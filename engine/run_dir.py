@@ -86,6 +86,22 @@ class RunDir:
                 handle.truncate()
                 os.remove(self.file(LOCK))
 
+    def refuse_if_training(self, job):
+        """For a job that reads a finished run (evaluate, export, predict): while a run trains in this
+        directory (it holds run.lock), one line naming it, rather than a mid-run checkpoint's results or a
+        false cause when training rotates that checkpoint away."""
+        try:
+            handle = open(self.file(LOCK))
+        except OSError:
+            return
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError("model_dir", self.path, f"is training now ({_holder(handle) or 'unknown'}): "
+                                  f"--job={job} reads a finished run; wait for it to end") from None
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
     def check_compatible(self, config):
         """Refuses a directory holding a run of another configuration (before anything is written)."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):

@@ -75,3 +75,24 @@ def test_a_second_run_on_a_training_directory_exits_2_and_a_killed_runs_lock_is_
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"took over the lock of a run that ended without releasing it (pid {first.pid}" in third.stderr
     assert "Resuming from" in third.stderr and not os.path.exists(os.path.join(model_dir, LOCK))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["evaluate", "export", "predict"])
+def test_jobs_that_read_a_run_refuse_one_that_is_training_naming_it(pretrained_run, tmp_path, job):
+    """Evaluate wrote a mid-run checkpoint's evaluation.json into the live directory, or blamed the
+    configuration when training rotated that checkpoint away; predict and export said 'train it first'."""
+    import shutil
+
+    from helpers import launch_in_process
+
+    run = str(tmp_path / "run")
+    shutil.copytree(pretrained_run, run)
+    with RunDir(run).lock():  # As a training process holds it.
+        status, stderr = launch_in_process(f"--job={job}", f"--model_dir={run}", f"--inputs={run}/confusion.png")
+    assert status == 2, stderr
+    assert stderr.startswith(f"error: --model_dir={run}: is training now (pid {os.getpid()} on ")
+    assert stderr.strip().endswith(f"--job={job} reads a finished run; wait for it to end")
+    assert not os.path.exists(os.path.join(run, "evaluation.json"))
+    status, _ = launch_in_process(f"--job={job}", f"--model_dir={run}", f"--inputs={run}/confusion.png")
+    assert status == 0  # Once it ends.

@@ -115,19 +115,24 @@ def header_pixels(encoded):
 def conform(image, *, image_size, channels):
     """A uint8 image [height, width, 1 to 4 channels] as training sees it: decode's part after decoding
     (the Python API's predict on arrays of images runs it too)."""
-    native = image.shape[-1] or tf.shape(image)[-1]  # Known (an array's) or not (a decoded file's).
-    kept = native - 1 + native % 2  # Without alpha: 1, 2 -> gray; 3, 4 -> RGB.
-    image = image[..., :kept]
-    either = lambda rgb, gray: (rgb if kept == 3 else gray)() if isinstance(kept, int) else tf.cond(kept == 3, rgb, gray)
-    if channels == 1:
-        image = either(lambda: tf.image.rgb_to_grayscale(image), lambda: image)
-    else:
-        image = either(lambda: image, lambda: tf.image.grayscale_to_rgb(image))
+    image = to_channels(image, channels)
     image.set_shape([None, None, channels])
     if image.shape[0] != image_size or image.shape[1] != image_size:
         image = tf.image.resize(image, [image_size, image_size])
         image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
     return image
+
+
+def to_channels(images, channels):
+    """uint8 images (one or a batch) with 1 to 4 channels -> `channels` (1 or 3), as training converts
+    them: alpha dropped, gray repeated to RGB or RGB averaged to gray (the SavedModel's input does it too)."""
+    native = images.shape[-1] or tf.shape(images)[-1]  # Known (an array's) or not (a decoded file's).
+    kept = native - 1 + native % 2  # Without alpha: 1, 2 -> gray; 3, 4 -> RGB.
+    images = images[..., :kept]
+    either = lambda rgb, gray: (rgb if kept == 3 else gray)() if isinstance(kept, int) else tf.cond(kept == 3, rgb, gray)
+    if channels == 1:
+        return either(lambda: tf.image.rgb_to_grayscale(images), lambda: images)
+    return either(lambda: images, lambda: tf.image.grayscale_to_rgb(images))
 
 
 def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic=True, max_pixels=MAX_IMAGE_PIXELS):

@@ -1,7 +1,7 @@
 """`--job=export`: the run's model.keras as artifacts that run without this project, each checked against
 the Keras model on the run's test split (the parity report, export.json).
 
-    saved_model   RUN/saved_model/      TF Serving: `serve`, uint8 images of any size -> logits
+    saved_model   RUN/saved_model/      TF Serving: `serve`, uint8 images of any size, 1 to 4 channels -> logits
     litert        RUN/model.tflite      LiteRT float32: uint8 images at --image_size -> logits
     litert_int8   RUN/model_int8.tflite LiteRT full-integer, calibrated on CALIBRATION_IMAGES images of
                                         the train split; uint8 images at --image_size -> float logits
@@ -79,9 +79,13 @@ def input_spec(model, image_size=None):
 
 
 def write_saved_model(model, path, **_):
+    """`serve`: uint8 images of any size and 1 to 4 channels (gray, gray+alpha, RGB, RGBA), converted to the
+    model's as training converts them (data/pipeline.to_channels), -> logits."""
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serve", lambda images: model(images, training=False), input_signature=[input_spec(model)])
+    channels = model.input.shape[-1]
+    archive.add_endpoint("serve", lambda images: model(pipeline.to_channels(images, channels), training=False),
+                         input_signature=[tf.TensorSpec([None, None, None, None], tf.uint8, name="image")])
     replace_atomic(path, lambda temporary: archive.write_out(temporary, verbose=False))
 
 
@@ -246,9 +250,13 @@ def parity(model, artifacts, *, config, source):
             rows[-1]["mediapipe_agreement"] = (float(np.mean(np.array(client_classes[name]) == keras_classes))
                                                if name in client_classes else None)
             rows[-1]["mediapipe"] = clients[name][1] or "ImageClassifier, top class against the Keras model's"
+    channels = model.input.shape[-1]
     return {
         "job": "export",
         "model": os.path.join(config.model_dir, "model.keras"),
+        # What each artifact takes: model.keras and the .tflite files the run's channels, uint8.
+        "input": {"dtype": "uint8", "height": config.image_size, "width": config.image_size, "channels": channels,
+                  "saved_model": "any height and width, 1 to 4 channels (converted as training does)"},
         "test_split": config.test_split,
         "test_examples": int(len(labels)),
         "keras_test_accuracy": float(np.mean(keras_classes == labels)),

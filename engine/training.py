@@ -136,6 +136,8 @@ def _train(config, run, run_dir, started, progress_label):
         "feature_cache": features.report if features else None,
         "skipped_examples": {name: examples.skipped for name, examples in run.splits.items() if examples},
         "devices": describe(run.devices),
+        "input": {"dtype": "uint8", "height": config.image_size, "width": config.image_size,
+                  "channels": int(run.model.input.shape[-1])},  # What model.keras takes.
         "trainability_audit": trainability.audit(run.model, before, run.trained_variables),
         "wall_seconds": time.time() - started,
     }

@@ -11,6 +11,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from transfer_engine.engine import export
 from transfer_engine.engine.run_dir import RunDir
@@ -129,6 +130,18 @@ def test_export_writes_three_formats_and_a_parity_report(scratch_run):
     for row in rows.values():
         assert os.path.exists(row["path"]) and row["bytes"] > 0
     assert not [name for name in os.listdir(scratch_run) if name.startswith(".partial-")], "a temporary was left"
+    assert report["input"]["channels"] == results["input"]["channels"] == 1
+    # The SavedModel takes RGB (and RGBA) images too, converted as training converts them.
+    import keras
+
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    loaded = tf.saved_model.load(os.path.join(scratch_run, "saved_model"))  # Its variables live as long as it does.
+    served = loaded.serve
+    model = keras.saving.load_model(os.path.join(scratch_run, "model.keras"))
+    expected = model(tf.image.rgb_to_grayscale(rgb), training=False).numpy()
+    np.testing.assert_allclose(served(tf.constant(rgb)).numpy(), expected, atol=1e-5)
+    rgba = np.concatenate([rgb, np.full((2, 40, 40, 1), 255, np.uint8)], axis=-1)
+    np.testing.assert_array_equal(served(tf.constant(rgba)).numpy(), served(tf.constant(rgb)).numpy())
 
 
 def test_export_fails_when_a_float_artifact_does_not_compute_what_was_trained(scratch_run, monkeypatch):

@@ -202,7 +202,7 @@ def test_the_on_disk_cache_of_a_folder_split_changes_with_its_selection_rule():
 
     inputs = keras.Input((4,))
     lower = keras.Model(inputs, keras.layers.Dense(2)(inputs))
-    run = SimpleNamespace(config=SimpleNamespace(image_size=32), worker=(0, 1))
+    run = SimpleNamespace(config=SimpleNamespace(image_size=32, max_image_pixels=89_478_485), worker=(0, 1))
 
     def examples(scheme):
         source = SimpleNamespace(name="folder:x", label_subset=(), split_scheme=scheme)
@@ -212,3 +212,6 @@ def test_the_on_disk_cache_of_a_folder_split_changes_with_its_selection_rule():
         run, lower, examples("stratified"))
     assert feature_cache.folder_name(run, lower, examples("stratified")) != feature_cache.folder_name(
         run, lower, examples(""))
+    limited = SimpleNamespace(config=SimpleNamespace(image_size=32, max_image_pixels=10_000), worker=(0, 1))
+    assert feature_cache.folder_name(limited, lower, examples("")) != feature_cache.folder_name(
+        run, lower, examples(""))  # --max_image_pixels decides which images are there.

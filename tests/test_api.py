@@ -36,6 +36,7 @@ def test_a_bad_value_raises_value_error_with_the_cli_message(tiny, tmp_path, key
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_train_returns_the_results_it_wrote_and_keywords_take_python_values(tiny, tmp_path):
     config = tiny(model_dir=str(tmp_path / "run"))
     keywords = {**_flag_values(config), "label_subset": (6, 0, 2), "deterministic": True, "epochs": 1}
@@ -83,6 +84,7 @@ def test_predict_on_arrays_gives_what_predict_on_files_gives(pretrained_run, tmp
         te.predict(pretrained_run, images / 255.0)
 
 
+@pytest.mark.slow
 def test_importing_the_package_loads_no_tensorflow():
     """So --help and scripts that only import it stay fast; the API loads it on first use."""
     code = "import sys, transfer_engine; print('tensorflow' in sys.modules, callable(transfer_engine.train))"

@@ -555,6 +555,7 @@ def test_the_pipeline_throughput_helper_counts_the_images_of_the_timed_batches(s
     assert pipeline.images_per_sec(naive, batches=len(sizes), warmup=0) == split.num_examples
 
 
+@pytest.mark.slow
 def test_an_image_above_the_pixel_limit_is_skipped_unread_and_named(tiny, tmp_path, caplog):
     """A 1.2 MB PNG of 20000x20000 pixels took 7.6 GB to decode: the header's size is checked first."""
     import io
@@ -577,6 +578,7 @@ def test_an_image_above_the_pixel_limit_is_skipped_unread_and_named(tiny, tmp_pa
     assert pipeline.prepare(split, image_size=16, max_pixels=20_000 * 20_000).count == 9
 
 
+@pytest.mark.slow
 def test_names_that_are_not_utf8_are_read_trained_on_and_predicted_like_any_other(tiny, tmp_path):
     """Disks written by other systems hold such names: training and predict ended in a traceback."""
     from helpers import launch_in_process, tiny_flags

@@ -604,3 +604,14 @@ def test_names_that_are_not_utf8_are_read_trained_on_and_predicted_like_any_othe
         rows = f.read().splitlines()[1:]
     assert sorted(row.split(b",")[0] for row in rows) == sorted(
         os.path.join(root, folder, name) for folder in (b"caf\xe9", b"dog") for name in os.listdir(os.path.join(root, folder)))
+
+
+def test_a_folders_examples_are_in_a_fixed_shuffled_order_not_by_class(tiny, tmp_path):
+    """An absolute slice (train[:10]) takes examples of every class, the same ones every run."""
+    _write_folder(tmp_path / "images", per_class=20)
+    opened = lambda: sources.open_source(tiny(dataset=f"folder:{tmp_path / 'images'}", label_subset=()))
+    source = opened()
+    for split in ("train[:10]", "train[-10:]"):
+        assert all(count > 0 for count in source.class_counts(split)), (split, source.class_counts(split))
+    assert [source.example_name("train[:10]", k) for k in range(10)] == [
+        opened().example_name("train[:10]", k) for k in range(10)]

@@ -278,3 +278,28 @@ def test_lora_trains_low_rank_factors_only_and_model_keras_predicts_as_the_train
     for layer in layers:
         np.testing.assert_allclose(merged[f"{layer.name}/kernel"], layer.kernel.numpy(), rtol=1e-6)
     assert any(not np.array_equal(merged[f"{layer.name}/kernel"], pretrained[f"{layer.name}/kernel"]) for layer in layers)
+
+
+def test_the_audit_names_a_frozen_weight_that_moved_and_counts_trained_ones():
+    """The audit is shown what it exists to catch: every run's test asserts it reports 0."""
+    model = small_model()
+    variables = trainability.apply(model, mode="frozen")
+    before = trainability.snapshot(model)
+    frozen = trainability.frozen_weights(model, variables)
+    frozen[0].assign(frozen[0].numpy() + np.float32(1e-7) * np.sign(frozen[0].numpy() + 0.5))  # One ulp-sized move.
+    variables[0].assign(variables[0].numpy() + 1)
+    audit = trainability.audit(model, before, variables)
+    assert (audit["frozen_changed"], audit["frozen_changed_paths"]) == (1, [frozen[0].path])
+    assert audit["trainable_changed"] == 1 and audit["frozen_variables"] == len(frozen)
+
+
+def test_lora_starts_from_the_pretrained_function():
+    """Its B factors start at zero, so the adapted model computes what the pretrained one did."""
+    model = small_model()
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 1)).astype("uint8")
+    for weight in model.weights:  # Non-zero weights everywhere, as pretrained ones are.
+        weight.assign(np.random.default_rng(1).uniform(0.05, 0.15, weight.shape).astype(weight.dtype))
+    plain = model(images, training=False).numpy()
+    assert np.all(np.isfinite(plain)) and np.ptp(plain) > 0
+    trainability.apply(model, mode="lora", lora_rank=2)
+    np.testing.assert_array_equal(model(images, training=False).numpy(), plain)

@@ -484,3 +484,24 @@ def test_a_two_replica_scratch_run_saves_the_batchnorm_statistics_it_evaluated_w
     loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy().mean()
     assert results["test_loss"] == pytest.approx(float(loss), rel=1e-4)
     assert results["test_accuracy"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == labels)), abs=1e-9)
+
+
+def test_evaluation_reports_plain_cross_entropy_whatever_the_training_loss():
+    """--label_smoothing and --class_weight shape the training loss only: eval and test report the plain
+    cross-entropy, comparable across runs."""
+    from transfer_engine.data import pipeline
+
+    keras.utils.set_random_seed(1)
+    model = build_classifier(backbone="small_cnn", image_size=8, channels=1, num_classes=3)
+    rng = np.random.default_rng(2)
+    images, labels = rng.integers(0, 256, (16, 8, 8, 1)).astype("uint8"), rng.integers(0, 3, 16)
+    plain = float(np.mean(keras.losses.sparse_categorical_crossentropy(
+        labels, model.predict(images, verbose=0), from_logits=True)))
+    examples = pipeline.Examples(split=None, dataset=tf.data.Dataset.from_tensor_slices((images, labels)),
+                                 count=16, skipped=0)
+    strategy = default_strategy()
+    trainer = Trainer(model=model, optimizer=None, strategy=strategy, global_batch_size=8,
+                      variables=model.trainable_variables, label_smoothing=0.3, class_weights=[5.0, 1.0, 0.2])
+    dataset = strategy.distribute_datasets_from_function(lambda context: pipeline.eval_dataset(
+        examples, batch_size=8, steps=2, local_replicas=1))
+    assert summarize(trainer.evaluate(dataset))["loss"] == pytest.approx(plain, rel=1e-5)

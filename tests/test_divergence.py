@@ -7,6 +7,7 @@ import re
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from transfer_engine.errors import EXIT_DIVERGED
@@ -49,3 +50,26 @@ def test_the_named_last_good_checkpoint_predicts_finite_logits(tiny, tmp_path):
     assert np.all(np.isfinite(model.predict(images, verbose=0))), error
     assert all(np.all(np.isfinite(keras.ops.convert_to_numpy(v))) for v in model.variables
                if keras.backend.is_float_dtype(v.dtype))
+
+
+def test_no_checkpoint_is_saved_while_a_variable_is_not_finite():
+    """The save-time check itself (the run-level tests look only at the checkpoint the message names)."""
+    from types import SimpleNamespace
+
+    import keras
+
+    from transfer_engine.engine import loop
+    from transfer_engine.errors import Diverged
+
+    saved = []
+    checkpoints = SimpleNamespace(save=lambda: saved.append(1), newest_before=lambda step: "ckpt-1")
+    weight, moment = keras.Variable([1.0, 2.0]), keras.Variable([0.5])
+    trainer = SimpleNamespace(model=SimpleNamespace(variables=[weight]), optimizer=SimpleNamespace(variables=[moment]))
+    loop._save(checkpoints, trainer, step=7, last_finite_step=5)
+    assert saved == [1]
+    for variable, value in ((weight, [1.0, float("nan")]), (moment, [float("inf")])):
+        variable.assign(value)
+        with pytest.raises(Diverged, match=r"not finite after step 7; last good checkpoint: ckpt-1"):
+            loop._save(checkpoints, trainer, step=7, last_finite_step=5)
+        assert saved == [1]
+        variable.assign([1.0, 2.0] if variable is weight else [0.5])

@@ -19,10 +19,14 @@ StatelessScope, so they are pure functions of their seeds too (and safe in a par
 Evaluation reads each example exactly once.
 """
 
+import contextlib
 import dataclasses
+import fcntl
+import glob
 import os
 import re
 import time
+import uuid
 
 import keras
 import numpy as np
@@ -153,22 +157,86 @@ def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic
     if cache == "memory":
         dataset = dataset.cache()
     elif cache != "none":
-        os.makedirs(cache, exist_ok=True)
         source = split.source
         limit = f"max{max_pixels}px" if max_pixels != MAX_IMAGE_PIXELS else ""  # What the cache holds.
-        name = "_".join(filter(None, (source.name, source.split_scheme, str(source.label_subset), split.name,
-                                      f"{image_size}px", limit, f"{worker.index}of{worker.count}")))
-        dataset = dataset.cache(os.path.join(cache, re.sub(r"[^\w.-]+", "_", name)))
+        name = "_".join(filter(None, (source.name, source.split_scheme, source.contents, str(source.label_subset),
+                                      split.name, f"{image_size}px", limit, f"{worker.index}of{worker.count}")))
+        file_cache = FileCache(cache, re.sub(r"[^\w.-]+", "_", name))
+        decoded, dataset = dataset, file_cache.cache(dataset)
     dataset = dataset.with_options(options(deterministic))
     class_counts = np.zeros(split.source.num_classes, np.int64)
     for labels in dataset.map(lambda image, label: label).batch(8192).as_numpy_iterator():
         class_counts += np.bincount(labels, minlength=len(class_counts))
+    if cache not in ("memory", "none"):  # The counting pass wrote it: from now on, read what was published.
+        dataset = file_cache.published(decoded).with_options(options(deterministic))
     count = int(class_counts.sum())
     skipped = worker.shard_size(split.num_examples) - count
     return Examples(
         split=split, dataset=dataset, count=count, skipped=skipped, class_counts=tuple(int(n) for n in class_counts),
         undecodable=_undecodable(split, worker, image_size, channels, max_pixels) if skipped else (),
     )
+
+
+class FileCache:
+    """`--cache=DIR` files of one split, which runs on this and other machines may share at the same time.
+
+    TensorFlow's file cache refuses a second writer (AlreadyExistsError on its lockfile) and a killed
+    writer's leftovers (the same, once). So each run writes files of its own (NAME.writing-ID), holding a
+    lock on NAME.writing-ID.lock while it writes, and publishes them as NAME when its pass is complete,
+    unless another run published first; NAME.index, renamed last, says NAME is complete. The files of a
+    writer whose lock is free (it was killed) are removed by the next run."""
+
+    def __init__(self, directory, name):
+        self.final = os.path.join(directory, name)
+        self.private = None  # This run's files, while it writes them.
+        self._lock = None
+
+    def cache(self, dataset):
+        """`dataset` cached to the published files if they are complete, else to this run's own."""
+        os.makedirs(os.path.dirname(self.final), exist_ok=True)
+        self._sweep()
+        if os.path.exists(self.final + ".index"):
+            return dataset.cache(self.final)
+        self.private = f"{self.final}.writing-{uuid.uuid4().hex[:12]}"
+        self._lock = open(self.private + ".lock", "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        return dataset.cache(self.private)
+
+    def published(self, dataset):
+        """After one complete pass over what `cache` returned: `dataset` cached to the published files."""
+        if self.private:
+            with open(os.path.join(os.path.dirname(self.final), ".publishing.lock"), "w") as publishing:
+                fcntl.flock(publishing, fcntl.LOCK_EX)  # One publisher at a time: two runs' files never mix.
+                if not os.path.exists(self.final + ".index"):
+                    for data in glob.glob(glob.escape(self.private) + ".data-*"):
+                        os.replace(data, self.final + data[len(self.private):])
+                    os.replace(self.private + ".index", self.final + ".index")  # Last: NAME is complete.
+            _remove_writer(self.private)
+            self._lock.close()
+            self.private = self._lock = None
+        return dataset.cache(self.final)
+
+    def _sweep(self):
+        """Removes the files of writers of NAME that died before publishing."""
+        for lock in glob.glob(glob.escape(self.final) + ".writing-*.lock"):
+            try:
+                handle = open(lock)
+            except FileNotFoundError:
+                continue  # Another run swept it.
+            with handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # Its writer is alive.
+                _remove_writer(lock[:-len(".lock")])
+
+
+def _remove_writer(prefix):
+    """A cache writer's files: its own (PREFIX.index, PREFIX.data-*, PREFIX.lock) and TensorFlow's while it
+    writes (PREFIX_0.lockfile, PREFIX_0.data-*.tempstate*)."""
+    for path in glob.glob(glob.escape(prefix) + ".*") + glob.glob(glob.escape(prefix) + "_*"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def _undecodable(split, worker, image_size, channels, max_pixels):

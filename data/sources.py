@@ -10,6 +10,7 @@ form one split, `train`, cut by TFDS's own ReadInstruction rules, a percent slic
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import os
 import urllib.error
@@ -46,8 +47,13 @@ class Source:
     # selection rule changes takes a new tag, so files cached under the old rule are never read as the new.
     split_scheme = ""
 
-    def __init__(self, *, name, class_names, channels, label_subset):
+    def __init__(self, *, name, class_names, channels, label_subset, contents, num_files):
         self.name = name
+        # What the source holds, in short (a folder's names, sizes and times; a TFDS dataset's version), and
+        # how many files: in --cache names and a run's record (engine/run_dir.py), so that changed data is
+        # never read as the old nor mixed into a run begun on it.
+        self.contents = contents
+        self.num_files = num_files
         self.all_class_names = tuple(class_names)
         self.channels = channels
         self.label_subset = tuple(label_subset)
@@ -141,6 +147,7 @@ class TfdsSource(Source):
         super().__init__(
             name=name, class_names=features["label"].names,
             channels=features["image"].shape[-1] or 3, label_subset=label_subset,
+            contents=f"v{builder.version}", num_files=sum(split.num_examples for split in builder.info.splits.values()),
         )
 
     @property
@@ -204,7 +211,8 @@ class FolderSource(Source):
         self.paths = np.array([files[i][0] for i in order])
         self.labels = np.array([files[i][1] for i in order], np.int64)
         super().__init__(
-            name=FOLDER_PREFIX + root, class_names=class_names, channels=3, label_subset=label_subset
+            name=FOLDER_PREFIX + root, class_names=class_names, channels=3, label_subset=label_subset,
+            contents=_fingerprint(root, [path for path, _ in files]), num_files=len(files),
         )
 
     @property
@@ -281,6 +289,16 @@ def files_below(folder):
         walk.append((directory, sorted(name for name in names if not _hidden(name))))
     for directory, names in sorted(walk):
         yield from (os.path.join(directory, name) for name in names)
+
+
+def _fingerprint(root, paths):
+    """A short hash of the images' names (below `root`), sizes and modification times: it changes when an
+    image is added, removed, renamed, moved to another class or rewritten."""
+    digest = hashlib.sha1()
+    for path in paths:
+        status = os.stat(path)
+        digest.update(b"%s\0%d\0%d\n" % (os.fsencode(os.path.relpath(path, root)), status.st_size, status.st_mtime_ns))
+    return digest.hexdigest()[:12]
 
 
 def is_image(path):

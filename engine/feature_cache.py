@@ -268,7 +268,8 @@ def folder_name(run, lower, examples):
     """The on-disk cache's folder for `examples` below `lower`: a hash of everything that determines the
     activations (the part's weights, the examples' source, selection rule, split and size, the worker)."""
     key = hashlib.sha1(repr((
-        lower.output.shape, lower.output.dtype, examples.split.source.name, examples.split.source.label_subset,
+        lower.output.shape, lower.output.dtype, examples.split.source.name, examples.split.source.contents,
+        examples.split.source.label_subset,
         examples.split.source.split_scheme, examples.split.name, run.config.image_size, run.worker,
     ) + ((run.config.max_image_pixels,) if run.config.max_image_pixels != pipeline.MAX_IMAGE_PIXELS else ())).encode())
     for weight in lower.weights:

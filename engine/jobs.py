@@ -29,6 +29,10 @@ def evaluate(config):
     restored = run.checkpoints.restore(model_only=True)
     if not restored:
         raise ConfigError("model_dir", config.model_dir, "has no checkpoint to evaluate")
+    changed = run_dir.data_changed(run.source)
+    if changed:
+        logging.warning("--dataset=%s: %s: eval and test now hold other images than the run's, maybe some it "
+                        "trained on", run.source.name, changed)
     trainer = Stages(run)(run.epochs_done)
     evaluation = {"job": "evaluate", "checkpoint": restored}
     for name in ("eval", "test"):

@@ -7,6 +7,7 @@
     results.json     final metrics, parameter counts, devices, trainability audit
     model.keras      the trained classifier (takes raw uint8 images of any size)
     backbone.weights.h5  its backbone alone, usable as --weights of another run
+    dataset.json     what its dataset held when it began (RunDir.check_same_data)
     run.lock         while a run trains in it: the holder's pid and host (RunDir.lock)
     saved_model/, model.tflite, model_int8.tflite, export.json   --job=export (engine/export.py)
     predictions.csv  --job=predict (engine/predict.py)
@@ -31,7 +32,7 @@ IDENTITY = (
     "backbone", "alpha", "image_size", "dataset", "label_subset", "mode", "unfreeze", "unfreeze_from",
     "trainable_regex", "bn", "lora_rank", "optimizer",
     # These fix which examples make each step: a resumed run must keep them to continue where it was.
-    "train_split", "batch_size", "grad_accum_steps", "steps_per_epoch",
+    "train_split", "batch_size", "grad_accum_steps", "steps_per_epoch", "seed", "shuffle_buffer",
     # The optimizer's checkpoint holds its learning rate: a resumed run would silently keep the old one.
     "learning_rate", "lr_schedule", "warmup_steps",
     # These define the loss: a resumed run with others would optimise something else from then on.
@@ -42,6 +43,7 @@ IDENTITY = (
 
 
 LOCK = "run.lock"
+DATASET = "dataset.json"
 
 
 class RunDir:
@@ -116,7 +118,27 @@ class RunDir:
                     "use another --model_dir",
                 )
 
-    def start(self, config):
+    def check_same_data(self, source):
+        """Refuses to continue a run whose dataset changed since it began (a folder's images added, removed,
+        renamed or rewritten; another TFDS version): its splits would move images between train, eval and
+        test under the run. What it began on is in dataset.json."""
+        changed = self.data_changed(source)
+        if changed and self._has_checkpoints():
+            raise ConfigError("dataset", source.name, f"{changed}: continuing would mix the splits; restore it, or "
+                              "train in another --model_dir")
+
+    def data_changed(self, source):
+        """How `source` differs from what the run began on (None: the same, or not recorded)."""
+        began = self.read_json(DATASET)
+        if not began or began.get("contents") == source.contents:
+            return None
+        return (f"changed since the run in {self.path} began on it ({began.get('files')} images then, "
+                f"{source.num_files} now, or their names, sizes or times differ)")
+
+    def _has_checkpoints(self):
+        return os.path.isdir(self.file("checkpoints")) and bool(os.listdir(self.file("checkpoints")))
+
+    def start(self, config, source):
         """Creates the directory and writes flags.txt; the first write of a run. A directory whose name is so
         long that the checkpoint files below it would pass the system's limit on a path is refused here,
         not at the first save, an epoch later."""
@@ -128,6 +150,8 @@ class RunDir:
         try:
             os.makedirs(self.path, exist_ok=True)
             write_atomic(self.file("flags.txt"), config.to_flagfile())
+            if not self.read_json(DATASET) or not self._has_checkpoints():
+                self.write_json(DATASET, {"dataset": source.name, "contents": source.contents, "files": source.num_files})
         except OSError as error:
             raise ConfigError("model_dir", self.path, f"is not writable ({error.strerror})") from None
 

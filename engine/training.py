@@ -32,6 +32,7 @@ def train(config, *, progress_label=""):
     run_dir = RunDir(config.model_dir if run.devices.is_chief else
                      os.path.join(config.model_dir, f"workertemp_{run.devices.worker_index}"))
     run_dir.check_compatible(config)
+    run_dir.check_same_data(run.source)
     # One run per directory at a time; other workers write directories of their own.
     with run_dir.lock() if run.devices.is_chief else contextlib.nullcontext():
         return _train(config, run, run_dir, started, progress_label)
@@ -47,7 +48,7 @@ def _train(config, run, run_dir, started, progress_label):
                      "%s; a larger --epochs continues it", run.epochs_done, finished["global_step"],
                      ", stopping early" if finished.get("stopped_early") else "", run_dir.file("results.json"))
         return finished
-    run_dir.start(config)
+    run_dir.start(config, run.source)
     splits, features = run.splits, None
     why_not = feature_cache.reason_not_to_cache(config)
     if why_not is None:

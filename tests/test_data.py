@@ -4,6 +4,8 @@ import gzip
 import json
 import hashlib
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -336,7 +338,7 @@ def test_a_folder_dataset_has_classes_splits_and_skips_a_corrupt_image(tiny, tmp
 
 def test_a_folder_without_split_flags_trains_evaluates_and_tests_on_an_80_10_10_cut(tiny, tmp_path, caplog):
     from transfer_engine.engine.run_dir import read_flagfile
-    from helpers import launch_in_process, tiny_flags
+    from helpers import digest_tree, launch_in_process, tiny_flags
 
     _write_folder(tmp_path / "images", per_class=20)
     run = tmp_path / "run"
@@ -359,6 +361,23 @@ def test_a_folder_without_split_flags_trains_evaluates_and_tests_on_an_80_10_10_
     with caplog.at_level("INFO"):  # Rerun: the split flags now come from the run's own flags.txt.
         assert launch_in_process(f"--flagfile={run / 'flags.txt'}")[0] == 0
     assert "Splits:" not in caplog.text and "Complete" in caplog.text
+
+    # The folder gains an image: continuing would draw train, eval and test anew. Refused, nothing touched.
+    added = tmp_path / "images" / "cat" / "added.png"
+    added.write_bytes(tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8)).numpy())
+    before = digest_tree(str(run))
+    status, stderr = launch_in_process(f"--flagfile={run / 'flags.txt'}", "--epochs=2")
+    assert status == 2 and f"error: --dataset=folder:{tmp_path / 'images'}: changed since the run in {run} began on " \
+        "it (40 images then, 41 now, or their names, sizes or times differ): continuing would mix the splits; " \
+        "restore it, or train in another --model_dir" in stderr, stderr
+    assert digest_tree(str(run)) == before
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # Evaluating it is allowed, and warned about.
+        assert launch_in_process(f"--flagfile={run / 'flags.txt'}", "--job=evaluate")[0] == 0
+    assert "began on it (40 images then, 41 now, or their names, sizes or times differ): eval and test now hold " \
+        "other images than the run's" in caplog.text
+    added.unlink()
+    assert launch_in_process(f"--flagfile={run / 'flags.txt'}", "--epochs=2")[0] == 0
 
 
 class _Splits:
@@ -615,3 +634,78 @@ def test_a_folders_examples_are_in_a_fixed_shuffled_order_not_by_class(tiny, tmp
         assert all(count > 0 for count in source.class_counts(split)), (split, source.class_counts(split))
     assert [source.example_name("train[:10]", k) for k in range(10)] == [
         opened().example_name("train[:10]", k) for k in range(10)]
+
+
+def _numbers(count):
+    return tf.data.Dataset.range(count).map(lambda n: (tf.fill([4, 4, 1], tf.cast(n, tf.uint8)), n))
+
+
+def test_two_runs_writing_one_file_cache_at_once_both_read_every_example(tmp_path):
+    """Two writers of one --cache name at the same time (runs sharing a cache on a shared box): each gets
+    every example, one set of files is published, and no writer's files are left. TensorFlow's own file
+    cache refuses the second writer (AlreadyExistsError on its lockfile)."""
+    first, second = (pipeline.FileCache(str(tmp_path), "split") for _ in range(2))
+    writing = iter(first.cache(_numbers(50)))
+    assert next(writing)[1] == 0  # The first writer is half-way when the second starts.
+    assert [int(n) for _, n in second.cache(_numbers(50)).as_numpy_iterator()] == list(range(50))
+    assert [int(n) for _, n in second.published(_numbers(50)).as_numpy_iterator()] == list(range(50))
+    assert [int(n) for _, n in writing] == list(range(1, 50))
+    assert [int(n) for _, n in first.published(_numbers(50)).as_numpy_iterator()] == list(range(50))
+    assert sorted(os.listdir(tmp_path)) == [".publishing.lock", "split.data-00000-of-00001", "split.index"]
+    # Published: read from the files, not computed again (the source would give other numbers now).
+    assert [int(n) for _, n in pipeline.FileCache(str(tmp_path), "split").cache(_numbers(7)).as_numpy_iterator()] == list(range(50))
+
+
+WRITE_AND_WAIT = """
+import sys, time
+import tensorflow as tf
+from transfer_engine.data import pipeline
+numbers = tf.data.Dataset.range(50).map(lambda n: (tf.fill([4, 4, 1], tf.cast(n, tf.uint8)), n))
+writing = iter(pipeline.FileCache(sys.argv[1], "split").cache(numbers))
+next(writing)
+print("writing", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow  # A process of its own, to kill.
+def test_a_killed_cache_writers_files_are_removed_and_stop_no_one(tmp_path):
+    """A run killed (-9) while it wrote the cache leaves TensorFlow's lockfile and temporary state: the next
+    run removes them and caches everything; a live writer of another split keeps its files."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITE_AND_WAIT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    writer.kill()
+    writer.wait()
+    leftovers = set(os.listdir(tmp_path))
+    assert any(name.endswith("lockfile") for name in leftovers), leftovers
+    alive = pipeline.FileCache(str(tmp_path), "other").cache(_numbers(3))  # Another split's writer, alive.
+    next(iter(alive))
+    again = pipeline.FileCache(str(tmp_path), "split")
+    assert [int(n) for _, n in again.cache(_numbers(50)).as_numpy_iterator()] == list(range(50))
+    again.published(_numbers(50))
+    names = set(os.listdir(tmp_path))
+    assert not names & leftovers, "the killed writer's files were left"
+    assert {"split.index", "split.data-00000-of-00001"} <= names
+    assert any(name.startswith("other.writing-") for name in names), "a live writer's files were removed"
+
+
+def test_a_changed_folder_gets_a_new_file_cache_and_the_same_folder_reuses_it(tiny, tmp_path):
+    """A cache written before images were added (or rewritten) is never read for the changed folder: its
+    name holds a hash of the folder's names, sizes and times."""
+    _write_folder(tmp_path / "images", per_class=10)
+    cache = tmp_path / "cache"
+
+    def prepared():
+        source = sources.open_source(tiny(dataset=f"folder:{tmp_path / 'images'}", label_subset=()))
+        return pipeline.prepare(source.split("train", "train_split"), image_size=16, cache=str(cache))
+
+    assert prepared().count == 20
+    written = set(os.listdir(cache))
+    assert prepared().count == 20 and set(os.listdir(cache)) == written
+    pixels = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8)).numpy()
+    (tmp_path / "images" / "cat" / "new.png").write_bytes(pixels)
+    again = prepared()
+    assert (again.count, again.skipped) == (21, 0)
+    assert len(set(os.listdir(cache)) - written) == 2  # A new index and data file.
+    (tmp_path / "images" / "cat" / "new.png").write_bytes(pixels + b"\0")  # Rewritten: another size.
+    assert prepared().count == 21 and len(set(os.listdir(cache)) - written) == 4

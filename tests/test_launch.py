@@ -148,6 +148,8 @@ BAD_INPUT = [
     (["--model_dir={long}"], "--model_dir={long}: is too long: files below it would have paths of "),
     (["--backbone=mobilenet_v2", "--alpha=0.35"], "--model_dir={run}: holds a run with --backbone=small_cnn"),
     (["--learning_rate=0.01"], "--model_dir={run}: holds a run with --learning_rate=0.001, not 0.01"),
+    (["--seed=7"], "--model_dir={run}: holds a run with --seed=42, not 7"),  # Another order of examples.
+    (["--shuffle_buffer=50"], "--model_dir={run}: holds a run with --shuffle_buffer=10000, not 50"),
     (["--strategy=multi_worker"], "--strategy=multi_worker: needs TF_CONFIG"),
     (["--strategy=tpu"], "--strategy=tpu: no TPU found"),
     (["--job=export", "--export_format=saved_model,onnx"],

@@ -97,3 +97,36 @@ def test_jobs_that_read_a_run_refuse_one_that_is_training_naming_it(pretrained_r
     assert not os.path.exists(os.path.join(run, "evaluation.json"))
     status, _ = launch_in_process(f"--job={job}", f"--model_dir={run}", f"--inputs={run}/confusion.png")
     assert status == 0  # Once it ends.
+
+
+@pytest.mark.slow
+def test_two_runs_writing_one_cache_at_once_each_end_as_it_would_alone(data_dir, tmp_path):
+    """Runs sharing --cache=DIR: the first is stopped while it writes the cache, the second runs whole
+    meanwhile, then the first goes on. Both finish with the results and weights of a run caching in memory
+    alone, and the folder then holds each split's files once, no writer's."""
+    cache = tmp_path / "cache"
+
+    def args(name, cache):
+        return tiny_flags(tiny_config(data_dir=data_dir, model_dir=str(tmp_path / name), cache=cache))
+
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *args("a", str(cache))], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (cache.exists() and any(name.endswith("lockfile") for name in os.listdir(cache))):
+        assert first.poll() is None and time.time() < deadline, "the first run wrote no cache"
+        time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)  # Mid-write (TensorFlow's lockfile is there), whatever the speed.
+    second = launch(*args("b", str(cache)))
+    first.send_signal(signal.SIGCONT)
+    _, stderr = first.communicate(timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert first.returncode == 0, stderr[-3000:]
+    alone = launch(*args("alone", "memory"))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("a", "b", "alone")]
+    timing = ("images_per_sec", "seconds", "wall_seconds")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in results[:2]] == [
+        {k: v for k, v in results[2].items() if k not in timing}] * 2
+    names = sorted(os.listdir(cache))
+    assert len([name for name in names if name.endswith(".index")]) == 3, names  # train, eval, test.
+    assert not [name for name in names if ".writing-" in name or "lockfile" in name], names

@@ -10,6 +10,7 @@ form one split, `train`, cut by TFDS's own ReadInstruction rules, a percent slic
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import os
@@ -335,8 +336,31 @@ def open_source(config):
     ):
         raise ConfigError("dataset", name, "has no 'image' and ClassLabel 'label' features")
     if not builder.data_path.exists():  # TFDS's own test (is_prepared() warns when it is not).
-        _prepare(builder, name, manual_dir)
+        with _preparing(builder, name) as prepared_meanwhile:
+            if not prepared_meanwhile:
+                _prepare(builder, name, manual_dir)
+        builder = tfds.builder(builder_name, data_dir=config.data_dir)  # With what preparing found (splits).
     return TfdsSource(builder, name=name, label_subset=config.label_subset)
+
+
+@contextlib.contextmanager
+def _preparing(builder, name):
+    """Holds a lock on preparing `builder`'s data (a hidden file beside its version folder), waiting for
+    another run that holds it; yields whether that run prepared it meanwhile. Two first runs at once on a
+    fresh machine would otherwise both prepare it, and the second fail renaming its copy into place."""
+    path = os.path.join(os.path.dirname(os.fspath(builder.data_path)), f".{builder.version}.preparing")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        handle = open(path, "a")
+    except OSError as error:
+        raise ConfigError("data_dir", os.fspath(builder.data_dir_root), f"is not writable ({error.strerror})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.info("%s: another run is preparing it in %s; waiting for it", name, builder.data_dir)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield builder.data_path.exists()
 
 
 # Builders this project prepares from files on this machine: no download, so no progress to show.

@@ -1,5 +1,6 @@
 """data/: the offline Fashion-MNIST builder, TFDS and folder sources, and the tf.data pipeline."""
 
+import fcntl
 import gzip
 import json
 import hashlib
@@ -709,3 +710,33 @@ def test_a_changed_folder_gets_a_new_file_cache_and_the_same_folder_reuses_it(ti
     assert len(set(os.listdir(cache)) - written) == 2  # A new index and data file.
     (tmp_path / "images" / "cat" / "new.png").write_bytes(pixels + b"\0")  # Rewritten: another size.
     assert prepared().count == 21 and len(set(os.listdir(cache)) - written) == 4
+
+
+@pytest.mark.slow  # A run in a process of its own, waiting.
+def test_a_first_run_waits_for_another_preparing_the_dataset_and_reads_what_it_prepared(tmp_path):
+    """Two first runs at once on a fresh machine: while another holds the preparation's lock, a run waits,
+    then reads what the other prepared (its splits too) instead of preparing it again and failing."""
+    from transfer_engine.engine.run_dir import read_flagfile
+    from helpers import ROOT, tiny_config, tiny_flags
+
+    data_dir = tmp_path / "tfds"
+    lock = data_dir / "fashion_mnist_sample" / ".1.0.0.preparing"
+    lock.parent.mkdir(parents=True)
+    config = tiny_config(data_dir=str(data_dir), model_dir=str(tmp_path / "run"), dataset="fashion_mnist_sample",
+                         label_subset=fashion_mnist_idx.SAMPLE_LABELS, train_split=None, eval_split=None, test_split=None)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # Another run preparing it.
+        run = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *tiny_flags(config)], cwd=ROOT,
+                               stderr=subprocess.PIPE, text=True)
+        seen = []
+        for line in run.stderr:
+            seen.append(line)
+            if "another run is preparing it" in line:
+                break
+        assert run.poll() is None, "".join(seen)[-3000:]
+        tfds.builder("fashion_mnist_sample", data_dir=str(data_dir)).download_and_prepare()  # What it does.
+    rest = run.stderr.read()
+    assert run.wait(timeout=600) == 0, rest[-3000:]
+    assert "preparing it for TFDS" not in "".join(seen) + rest, "it prepared the data again"
+    saved = read_flagfile(str(tmp_path / "run" / "flags.txt"))
+    assert (saved["train_split"], saved["eval_split"], saved["test_split"]) == ("train", "validation", "test")

@@ -16,7 +16,7 @@ from absl import logging
 
 from transfer_engine import internals
 from transfer_engine.engine import assembly, benchmark, compare, distribute, export, lr_find, predict, training
-from transfer_engine.engine.run_dir import RunDir
+from transfer_engine.engine.run_dir import RunDir, check_temporary_space
 from transfer_engine.engine.trainer import Stages
 from transfer_engine.errors import ConfigError
 
@@ -55,6 +55,7 @@ def evaluate(config):
 def run(config):
     """Runs `config.job`: the one path of launch.py and the Python API. Returns what the job returns."""
     internals.check_versions()
+    check_temporary_space()
     if config.cpu_replicas > 1:  # Before any job reads data: that initialises TensorFlow's devices.
         distribute.split_cpu(config.cpu_replicas)
     return JOBS[config.job](config)

@@ -14,6 +14,7 @@
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -25,6 +26,7 @@ import time
 from absl import logging
 import tensorflow as tf
 
+from transfer_engine import internals
 from transfer_engine.errors import ConfigError
 
 # Options that change what is in a checkpoint: a run dir holding another value of them is refused.
@@ -260,6 +262,25 @@ def write_atomic(path, text):
         f.write(text)
 
 
+TEMPORARY = "the temporary directory, TMPDIR"
+PROBE_BYTES = 1 << 20
+
+
+def check_temporary_space():
+    """Raises OSError (ENOSPC) naming the temporary directory when it cannot take PROBE_BYTES: TensorFlow's
+    autograph writes its converted code there (when it cannot, tracing falls back to a Python loop and runs
+    for many minutes), and replace_atomic stages artifacts there."""
+    try:
+        with tempfile.TemporaryFile() as probe:
+            probe.write(b"\0" * PROBE_BYTES)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(error.errno, error.strerror, f"{tempfile.gettempdir()} ({TEMPORARY})") from None
+
+
 def replace_atomic(path, write):
     """Calls `write(staged)` (a file or directory named like `path`, which Keras' savers check, in a
     local temporary directory), copies it beside `path` and renames it there: a kill or a full disk
@@ -267,7 +288,13 @@ def replace_atomic(path, write):
     (it fails there messily, once even crashing at exit)."""
     with tempfile.TemporaryDirectory(prefix="transfer-engine-") as staging:
         staged = os.path.join(staging, os.path.basename(path))
-        write(staged)
+        try:
+            write(staged)
+        except Exception as error:  # A full temporary directory is named as such, not taken for --model_dir's.
+            if internals.full_disk_path(error) is None:
+                raise
+            raise OSError(errno.ENOSPC, "No space left on device",
+                          f"{tempfile.gettempdir()} ({TEMPORARY})") from error
         with _renamed_into(path) as partial:
             (shutil.copytree if os.path.isdir(staged) else shutil.copyfile)(staged, partial)
 

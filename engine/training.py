@@ -44,6 +44,12 @@ def _train(config, run, run_dir, started, progress_label):
     if restored and (run.epochs_done >= config.epochs or finished.get("stopped_early")) and (
         finished.get("global_step") == int(run.state.step.numpy())
     ):
+        missing = [name for name in ARTIFACTS if not os.path.exists(run_dir.file(name))]
+        if missing:
+            logging.warning("Complete, but %s missing: written again from %s", " and ".join(missing), restored)
+            _use_final_weights(run)
+            _save_artifacts(run, run_dir)
+            return finished
         logging.info("Complete: this run has trained %d epochs (step %d)%s; nothing changed. Its results are in "
                      "%s; a larger --epochs continues it", run.epochs_done, finished["global_step"],
                      ", stopping early" if finished.get("stopped_early") else "", run_dir.file("results.json"))
@@ -99,17 +105,14 @@ def _train(config, run, run_dir, started, progress_label):
         run.checkpoints.stop_watching()
     if not last:  # Nothing left to train: report the last checkpointed epoch.
         last = run_dir.last_metrics()
-    if config.keep_best:  # The best epoch's weights make the artifacts, the test and the reported metrics.
-        best_step = run.checkpoints.restore_best()
+    best_step = _use_final_weights(run)
+    if config.keep_best:
         last = next(record for record in run_dir.metrics() if record["global_step"] == best_step)
         logging.info("Keeping the best epoch, %d of %d (eval accuracy %.4f): model.keras, backbone.weights.h5 "
                      "and the test come from it", last["epoch"], run.epochs_done, last["eval_accuracy"])
-    if config.ema:  # What the run saves and tests: the moving averages of the weights it trained.
-        use_averaged_weights(run.optimizer, run.trained_variables)
     test = evaluate_split(run, stages(run.epochs_done - 1), splits["test"])
 
-    replace_atomic(run_dir.file("model.keras"), run.model.save)
-    replace_atomic(run_dir.file("backbone.weights.h5"), run.model.get_layer(BACKBONE_LAYER).save_weights)
+    _save_artifacts(run, run_dir)
     trainable, frozen = trainability.parameter_counts(run.model, run.trained_variables)
     results = {
         "job": "train",
@@ -156,6 +159,23 @@ def _train(config, run, run_dir, started, progress_label):
         fmt(results["images_per_sec"], ".0f"), run_dir.file("results.json"),
     )
     return results
+
+
+ARTIFACTS = ("model.keras", "backbone.weights.h5")
+
+
+def _use_final_weights(run):
+    """Puts the weights a finished run saves and tests into its model: the best epoch's with --keep_best
+    (returns its step), then their moving averages with --ema."""
+    best_step = run.checkpoints.restore_best() if run.config.keep_best else None
+    if run.config.ema:
+        use_averaged_weights(run.optimizer, run.trained_variables)
+    return best_step
+
+
+def _save_artifacts(run, run_dir):
+    replace_atomic(run_dir.file("model.keras"), run.model.save)
+    replace_atomic(run_dir.file("backbone.weights.h5"), run.model.get_layer(BACKBONE_LAYER).save_weights)
 
 
 def write_top_losses(run, run_dir, *, model, scored, step, title):

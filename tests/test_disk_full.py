@@ -59,3 +59,24 @@ def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_the_rerun_finishe
     assert f"Resuming from {model_dir}/checkpoints/ckpt-66 (step 66," in resumed.stderr
     keras.saving.load_model(f"{model_dir}/model.keras")
     assert os.path.getsize(f"{model_dir}/backbone.weights.h5") > 0 and not _partials(model_dir)
+
+
+def test_a_full_temporary_directory_is_named_as_such_and_the_rerun_finishes(data_dir, small_disk, tmp_path):
+    """TensorFlow (autograph) and the staging of model.keras write to the temporary directory (TMPDIR): when
+    that is full, the line names it, not --model_dir's device, which has space (and TensorFlow's tracing,
+    unable to write there, is not left running for many minutes)."""
+    mount, grow = small_disk
+    (mount / "filler").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))  # 64 KB left: less than model.keras.
+    model_dir = str(tmp_path / "run")
+    args = tiny_flags(tiny_config(data_dir=data_dir, model_dir=model_dir))
+    full = launch(*args, env={"TMPDIR": str(mount)})
+    assert full.returncode == 2, full.stderr[-3000:]
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: no space left on the device writing {mount} (the temporary directory, TMPDIR): free "
+                      "space, then rerun the same command (it resumes from the last checkpoint)"], full.stderr[-3000:]
+    assert "Traceback" not in full.stderr and not os.path.exists(f"{model_dir}/model.keras")
+
+    (mount / "filler").unlink()
+    resumed = launch(*args, env={"TMPDIR": str(mount)})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    keras.saving.load_model(f"{model_dir}/model.keras")

@@ -7,6 +7,7 @@ import sys
 import os
 import shutil
 
+import keras
 import numpy as np
 import pytest
 
@@ -257,13 +258,23 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(data_dir, tmp_path, mo
     ]
 
 
-def test_rerunning_a_finished_run_changes_no_file_and_a_larger_epochs_continues_it(data_dir, tmp_path):
+def test_rerunning_a_finished_run_changes_no_file_and_a_larger_epochs_continues_it(data_dir, tmp_path, caplog):
     config = tiny_config(data_dir=data_dir, model_dir=str(tmp_path / "run"))
     first = train_run(config, tmp_path / "run")
     before = digest_tree(tmp_path / "run")
     status, stderr = launch_in_process(*tiny_flags(config), "--steps_per_loop=3")
     assert status == 0 and not stderr, stderr
     assert digest_tree(tmp_path / "run") == before, "rerunning a finished run changed its files"
+    trained = keras.saving.load_model(tmp_path / "run" / "model.keras").get_weights()
+    for name in ("model.keras", "backbone.weights.h5"):  # Deleted: the rerun writes them again, the same.
+        (tmp_path / "run" / name).unlink()
+    with caplog.at_level("WARNING"):
+        status, stderr = launch_in_process(*tiny_flags(config))
+    assert status == 0 and "model.keras and backbone.weights.h5 missing: written again from" in caplog.text, stderr
+    for ours, theirs in zip(keras.saving.load_model(tmp_path / "run" / "model.keras").get_weights(), trained):
+        np.testing.assert_array_equal(ours, theirs)
+    assert (tmp_path / "run" / "backbone.weights.h5").exists()
+    assert read_json(tmp_path / "run" / "results.json") == first
     status, stderr = launch_in_process(*tiny_flags(config), "--epochs=2")
     assert status == 0, stderr
     assert read_json(tmp_path / "run" / "results.json")["global_step"] == 2 * first["global_step"]

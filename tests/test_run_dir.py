@@ -52,3 +52,28 @@ def test_files_are_synced_before_the_rename_and_the_folder_after(tmp_path, monke
     assert {os.path.join(partial, "saved_model.pb"), os.path.join(partial, "variables", "variables.index"),
             partial}.issubset(synced[:-1])
     assert events[-2:] == [("replace", folder), ("fsync", str(tmp_path))]
+
+
+def test_a_full_temporary_directory_is_named_when_staging_fails(tmp_path, monkeypatch):
+    """replace_atomic stages in the temporary directory: a write failing there for want of space names it,
+    not the target's device (which may well have space); other failures pass through unchanged."""
+    import errno
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    with pytest.raises(OSError) as raised:
+        replace_atomic(str(tmp_path / "model.keras"), full)
+    assert raised.value.errno == errno.ENOSPC
+    assert raised.value.filename == f"{tmp_path / 'tmp'} (the temporary directory, TMPDIR)"
+
+    def broken(path):
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        replace_atomic(str(tmp_path / "model.keras"), broken)
+    assert not (tmp_path / "model.keras").exists()

@@ -120,7 +120,9 @@ def build(config, *, pretrained=True):
     source = sources.open_source(config)
     config = sources.with_default_splits(config, source)
     worker = pipeline.Worker(devices.worker_index, devices.num_workers)
-    splits = {name: _prepare(config, source, worker, name) for name in SPLITS}
+    selected = {name: _split(config, source, name) for name in SPLITS}
+    cache = _image_cache(config, source, selected.values(), worker)
+    splits = {name: _prepare(config, source, worker, cache, name, split) for name, split in selected.items()}
     logging.info(
         "Data: %s, %d classes (%s)", source.name, source.num_classes, ", ".join(source.class_names)
     )
@@ -202,22 +204,51 @@ def trained_image_size(weights, backbone):
     return int(size) if size.strip().isdigit() else None
 
 
-def _prepare(config, source, worker, name):
-    """This worker's examples of split `name` (train, eval, test), decoded and cached; None for none."""
+def _split(config, source, name):
+    """The split of --{name}_split (train, eval, test); None for none."""
     split_name = getattr(config, f"{name}_split")
-    if not split_name:
+    return source.split(split_name, f"{name}_split") if split_name else None
+
+
+def _image_cache(config, source, splits, worker):
+    """--cache as pipeline.prepare takes it: memory, none, or a directory (created if needed). Memory only
+    within --cache_max_gb, for what the splits' decoded images will take: over it, none, said in the log."""
+    if config.cache == "none":
+        return config.cache
+    if config.cache == "memory":
+        pixels = config.image_size * config.image_size * source.channels
+        needed = sum(worker.shard_size(split.num_examples) for split in splits if split) * (pixels + 8)
+        budget = (int(config.cache_max_gb * 1e9) if config.cache_max_gb is not None
+                  else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
+        if needed <= budget:
+            return config.cache
+        logging.warning(
+            "Image cache off: the splits' decoded images would take %.1f GB of memory, over --cache_max_gb (%.1f GB%s); "
+            "they are decoded every epoch instead (the same examples, slower; --cache=DIR keeps them in files)",
+            needed / 1e9, budget / 1e9, "" if config.cache_max_gb is not None else ": half of this machine's memory")
+        return "none"
+    try:
+        os.makedirs(config.cache, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("cache", config.cache, f"cannot be created ({error.strerror})") from None
+    return config.cache
+
+
+def _prepare(config, source, worker, cache, name, split):
+    """This worker's examples of `split` (of train, eval or test: `name`), decoded and cached; None for none."""
+    if split is None:
         return None
-    split = source.split(split_name, f"{name}_split")
+    split_name = split.name
     started = time.perf_counter()
     prepared = pipeline.prepare(
-        split, image_size=config.image_size, cache=_cache_dir(config), worker=worker,
+        split, image_size=config.image_size, cache=cache, worker=worker,
         deterministic=config.deterministic, max_pixels=config.max_image_pixels,
     )
     if prepared.count == 0:
         raise ConfigError(f"{name}_split", split_name, "has no image that decodes")
     logging.info(
         "%s: %s, %d examples decoded%s in %.1f s", name, split_name, prepared.count,
-        "" if config.cache == "none" else " and cached", time.perf_counter() - started,
+        "" if cache == "none" else " and cached", time.perf_counter() - started,
     )
     if prepared.skipped:
         logging.warning("%s: %d undecodable examples skipped (or above --max_image_pixels=%d): %s", name,
@@ -236,14 +267,3 @@ def _prepare(config, source, worker, name):
             logging.warning("train: few training images of %s: a class with fewer than %d is learnt poorly (add "
                             "images of it)", named(few), FEW_IMAGES)
     return prepared
-
-
-def _cache_dir(config):
-    """--cache as pipeline.prepare takes it: memory, none, or a directory that is created if needed."""
-    if config.cache in ("memory", "none"):
-        return config.cache
-    try:
-        os.makedirs(config.cache, exist_ok=True)
-    except OSError as error:
-        raise ConfigError("cache", config.cache, f"cannot be created ({error.strerror})") from None
-    return config.cache

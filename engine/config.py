@@ -135,7 +135,15 @@ class Config:
         kind=list,
     )
     cache: str = _option(
-        "memory", "Decoded images: memory, none, or a directory for cache files (reused across runs)."
+        "memory", "Decoded images: memory, none, or a directory for cache files (shared by runs, at the same time "
+        "too)."
+    )
+    cache_max_gb: float = _option(
+        None,
+        "Largest image cache kept in memory with --cache=memory, estimated from the splits' sizes before decoding "
+        "(default: half of this machine's memory); over it the images are decoded every epoch instead (the same "
+        "examples, slower; --cache=DIR keeps them in files).",
+        kind=float,
     )
     shuffle_buffer: int = _option(10_000, "Shuffle buffer in examples; 0 shuffles the whole split.")
     augment: str = _option(
@@ -293,7 +301,7 @@ FLAG_GROUPS = (
     ("The model (README: Backbones)", ("backbone", "alpha", "image_size", "weights", "dropout", "bn_momentum")),
     ("The data (README: Data)", (
         "dataset", "data_dir", "manual_dir", "train_split", "eval_split", "test_split", "label_subset", "cache",
-        "shuffle_buffer", "augment", "mixup", "cutmix", "tta", "deterministic", "feature_cache", "feature_cache_max_gb",
+        "cache_max_gb", "shuffle_buffer", "augment", "mixup", "cutmix", "tta", "deterministic", "feature_cache", "feature_cache_max_gb",
         "max_image_pixels")),
     ("Optimisation", (
         "batch_size", "grad_accum_steps", "epochs", "steps_per_epoch", "early_stopping", "keep_best",
@@ -308,7 +316,7 @@ FLAG_GROUPS = (
 
 # What a run's HParams row shows (engine/run_dir.py): the flags that describe what it trained and how, not
 # where files are or how it was scheduled.
-NOT_HPARAMS = ("job", "model_dir", "data_dir", "manual_dir", "cache", "feature_cache_max_gb", "max_image_pixels", "steps_per_loop",
+NOT_HPARAMS = ("job", "model_dir", "data_dir", "manual_dir", "cache", "cache_max_gb", "feature_cache_max_gb", "max_image_pixels", "steps_per_loop",
                "tpu", "checkpoint_every", "keep_checkpoints", "export_format", "inputs", "output", "top_k")
 
 
@@ -439,8 +447,9 @@ def validate(config):
         raise ConfigError("ema", config.ema, "must be in [0, 1), e.g. 0.99 (0: off)")
     if config.weight_decay < 0:
         raise ConfigError("weight_decay", config.weight_decay, "must not be negative")
-    if config.feature_cache_max_gb is not None and config.feature_cache_max_gb <= 0:
-        raise ConfigError("feature_cache_max_gb", config.feature_cache_max_gb, "must be positive")
+    for name in ("cache_max_gb", "feature_cache_max_gb"):
+        if getattr(config, name) is not None and getattr(config, name) <= 0:
+            raise ConfigError(name, getattr(config, name), "must be positive")
     if config.shuffle_buffer < 0:
         raise ConfigError("shuffle_buffer", config.shuffle_buffer, "must not be negative")
     if not config.cache:

@@ -740,3 +740,28 @@ def test_a_first_run_waits_for_another_preparing_the_dataset_and_reads_what_it_p
     assert "preparing it for TFDS" not in "".join(seen) + rest, "it prepared the data again"
     saved = read_flagfile(str(tmp_path / "run" / "flags.txt"))
     assert (saved["train_split"], saved["eval_split"], saved["test_split"]) == ("train", "validation", "test")
+
+
+@pytest.mark.slow
+def test_splits_over_the_image_cache_budget_are_decoded_every_epoch_with_the_same_results(tiny, tmp_path, caplog):
+    """--cache=memory within --cache_max_gb only, estimated before decoding: over it, no cache, said in one
+    line, and the run ends with the results and weights of the cached run (the same examples in the same
+    order)."""
+    from helpers import launch_in_process, tiny_flags
+
+    results = []
+    for name, budget in (("cached", None), ("streamed", 1e-6)):
+        caplog.clear()
+        config = tiny(model_dir=str(tmp_path / name), cache_max_gb=budget, epochs=2)
+        with caplog.at_level("INFO"):
+            assert launch_in_process(*tiny_flags(config))[0] == 0
+        assert ("Image cache off: the splits' decoded images would take 0.0 GB of memory, over --cache_max_gb "
+                "(0.0 GB); they are decoded every epoch instead" in caplog.text) == (budget is not None)
+        cached = "train: train[:1%], 194 examples decoded and cached" in caplog.text
+        assert cached == (budget is None) and ("train: train[:1%], 194 examples decoded in" in caplog.text) != cached
+        results.append(json.loads((tmp_path / name / "results.json").read_text()))
+        weights = keras.saving.load_model(tmp_path / name / "model.keras").get_weights()
+        results[-1]["weights"] = [w.tobytes() for w in weights]
+    timing = ("images_per_sec", "wall_seconds")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in results[1:]] == [
+        {k: v for k, v in results[0].items() if k not in timing}]

@@ -119,6 +119,7 @@ BAD_INPUT = [
     (["--learning_rate=-0.1"], "--learning_rate=-0.1: must be positive"),
     (["--image_size=0"], "--image_size=0: must be positive"),
     (["--feature_cache_max_gb=0"], "--feature_cache_max_gb=0.0: must be positive"),
+    (["--cache_max_gb=-1"], "--cache_max_gb=-1.0: must be positive"),
     (["--label_smoothing=1"], "--label_smoothing=1.0: must be in [0, 1)"),
     (["--ema=1"], "--ema=1.0: must be in [0, 1), e.g. 0.99 (0: off)"),
     (["--early_stopping=-1"], "--early_stopping=-1: must not be negative"),

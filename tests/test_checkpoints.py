@@ -68,17 +68,26 @@ def _checkpoint_steps(model_dir):
         return [int(step) for step in re.findall(r'all_model_checkpoint_paths: ".*ckpt-(\d+)"', f.read())]
 
 
-def _interrupt(args, model_dir, sig, after_step):
-    """Starts launch.py, sends `sig` once a checkpoint past `after_step` exists; returns the process."""
+def _interrupt(args, model_dir, sig, after_step, *, before_step=None):
+    """Starts launch.py and sends it `sig` once its newest checkpoint is past `after_step` (and before
+    `before_step`); returns (the process, that checkpoint's step). Each look at the checkpoints is taken with
+    the run stopped (SIGSTOP), and the signal is sent before it continues: the state is known, whatever the
+    machine's speed."""
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not any(step > after_step for step in _checkpoint_steps(model_dir)):
+    while True:
         assert process.poll() is None and time.time() < deadline, "the run ended before the signal"
+        if any(step > after_step for step in _checkpoint_steps(model_dir)):
+            process.send_signal(signal.SIGSTOP)
+            newest = max(_checkpoint_steps(model_dir))
+            assert before_step is None or newest < before_step, f"the run passed step {before_step} unseen"
+            process.send_signal(sig)
+            process.send_signal(signal.SIGCONT)
+            break
         time.sleep(0.02)
-    process.send_signal(sig)
     process.wait(timeout=300)
-    return process
+    return process, newest
 
 
 def assert_same_run(model_dir, reference):
@@ -93,15 +102,13 @@ def assert_same_run(model_dir, reference):
 def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_results(data_dir, reference, tmp_path):
     model_dir = str(tmp_path / "killed")
     args = resumable(data_dir, model_dir)
-    killed = _interrupt(args, model_dir, signal.SIGKILL, after_step=60)
+    killed, step = _interrupt(args, model_dir, signal.SIGKILL, after_step=60, before_step=225)  # Mid-epoch 1.
     assert killed.returncode == -signal.SIGKILL
-    steps = _checkpoint_steps(model_dir)
-    assert max(steps) % 225 != 0, f"the kill did not land mid-epoch: {steps}"
-    assert not os.path.exists(os.path.join(model_dir, "results.json"))
+    assert max(_checkpoint_steps(model_dir)) == step and not os.path.exists(os.path.join(model_dir, "results.json"))
 
     resumed = launch(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming from {model_dir}/checkpoints/ckpt-{max(steps)} (step {max(steps)}, epoch 1)" in resumed.stderr
+    assert f"Resuming from {model_dir}/checkpoints/ckpt-{step} (step {step}, epoch 1)" in resumed.stderr
     assert_same_run(model_dir, reference)
 
 
@@ -114,13 +121,14 @@ def test_sigterm_and_ctrl_c_checkpoint_exit_in_one_line_and_the_rerun_finishes_t
 ):
     model_dir = str(tmp_path / "stopped")
     args = resumable(data_dir, model_dir)
-    stopped = _interrupt(args, model_dir, sig, after_step=40)
+    stopped, periodic = _interrupt(args, model_dir, sig, after_step=40, before_step=400)
     stderr = stopped.stderr.read()
     assert stopped.returncode == status, stderr[-3000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     saved = re.search(rf"{word}: saved (\S+) at step (\d+); rerun the same command", stderr)
     assert saved, stderr[-3000:]
-    assert saved.group(1).endswith(f"ckpt-{saved.group(2)}") and int(saved.group(2)) % 20 != 0
+    # The step the signal found (at or after the periodic checkpoint, whether or not it is one of them).
+    assert saved.group(1).endswith(f"ckpt-{saved.group(2)}") and periodic <= int(saved.group(2)) < 450
 
     resumed = launch(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -150,7 +158,7 @@ def _killed_mid_run(data_dir, tmp_path, name):
     checkpoint and its updating (or sweeping) the state file leaves one more or one less listed there."""
     model_dir = str(tmp_path / name)
     args = resumable(data_dir, model_dir)
-    assert _interrupt(args, model_dir, signal.SIGKILL, after_step=60).returncode == -signal.SIGKILL
+    assert _interrupt(args, model_dir, signal.SIGKILL, after_step=60)[0].returncode == -signal.SIGKILL
     files = os.listdir(os.path.join(model_dir, "checkpoints"))
     return args, model_dir, sorted((int(m) for m in re.findall(r"ckpt-(\d+)\.index", " ".join(files))), reverse=True)
 

@@ -14,7 +14,7 @@ exits the process. Logging is set up on first use: launch.py's INFO lines, on st
 
 import os
 
-from transfer_engine import internals  # First: TensorFlow's process defaults, then TensorFlow.
+from transfer_engine import internals, startup  # First: TensorFlow's process defaults, then TensorFlow.
 from absl import flags
 import numpy as np
 import tensorflow as tf
@@ -32,7 +32,7 @@ def config(**flag_values):
     """The validated engine Config of these flags (what launch.py would run): e.g. to inspect it."""
     values = flags.FlagValues()
     config_lib.define_flags(values)
-    internals.resolve_flagfiles(values, config_lib.shipped)
+    startup.resolve_flagfiles(values, config_lib.shipped)
     flagfile = flag_values.pop("flagfile", None)
     argv = ["transfer_engine"] + ([f"--flagfile={flagfile}"] if flagfile else [])
     argv += [f"--{name}={_as_flag(value)}" for name, value in flag_values.items() if value is not None]

@@ -1,6 +1,6 @@
 """The one door to library internals: everything this project relies on that Keras, TensorFlow or
 TensorFlow Datasets do not promise to keep (private methods, instance patches, error texts,
-`tensorflow.python`).
+`tensorflow.python`). absl's flag-file hook is in startup.py, which must not load TensorFlow.
 
 Checked against the versions in CHECKED; `check_versions` refuses another major version with one line
 (launch.py calls it first), so an upgrade fails here, plainly, not deep inside a run. After upgrading
@@ -21,17 +21,7 @@ import warnings
 
 from absl import logging as absl_logging
 
-# --- TensorFlow's process defaults, read once when its native library loads --------------------------
-# Import this module before TensorFlow (launch.py and the tests do); a variable the user set wins.
-# - TF_CPP_MIN_LOG_LEVEL=2 keeps TensorFlow's C++ start-up chatter out.
-# - TF_ENABLE_ONEDNN_OPTS=1 on x86-64: TensorFlow's pip build turns its oneDNN CPU kernels on by default
-#   only on CPUs with AVX-512 VNNI/BF16 or AMX and uses Eigen's elsewhere; on this AVX2 CPU, oneDNN made
-#   the scratch training step 1.8x faster, its BatchNorm kernels most of all (README.md, *Throughput*).
-#   TF_ENABLE_ONEDNN_OPTS=0 gives Eigen's kernels back.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-if platform.machine().lower() in ("x86_64", "amd64"):
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-
+from transfer_engine import startup  # noqa: F401  First: TensorFlow's process defaults, before it loads.
 
 NATIVE_CHATTER = re.compile(
     r"(INFO: |fully_quantize: )"  # LiteRT's and its converter's INFO lines.
@@ -119,17 +109,6 @@ def configure_logging(everything=False):
         tf.get_logger().removeHandler(own)
     quiet_deprecations()
     warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
-
-
-def resolve_flagfiles(flag_values, resolve):
-    """Makes absl open every --flagfile path (a nested one too) as `resolve(path)` says: absl reads them
-    relative to the working directory only, and has no public hook (FlagValues._get_flag_file_lines)."""
-    read = type(flag_values)._get_flag_file_lines
-
-    def resolved(filename, *args, **kwargs):
-        return read(flag_values, resolve(filename), *args, **kwargs)
-
-    object.__setattr__(flag_values, "_get_flag_file_lines", resolved)  # FlagValues' own setattr sets flags.
 
 
 def onednn_enabled():

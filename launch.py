@@ -12,15 +12,16 @@ project and keeps its traceback (exit status 1).
 import sys
 import textwrap
 
-from transfer_engine import internals  # First: it sets TensorFlow's process defaults, then loads TensorFlow.
+# Flags are defined, parsed and validated before TensorFlow loads (main imports it): --help, a misspelt flag
+# and a bad value answer at once. Nothing imported here loads it (tests/test_docs.py checks).
+from transfer_engine import startup  # First: TensorFlow's process defaults.
 from absl import app, flags
 
 from transfer_engine import errors
 from transfer_engine.engine import config as config_lib
-from transfer_engine.engine import jobs
 
 config_lib.define_flags()
-internals.resolve_flagfiles(flags.FLAGS, config_lib.shipped)  # configs/*.flags from any directory, once installed.
+startup.resolve_flagfiles(flags.FLAGS, config_lib.shipped)  # configs/*.flags from any directory, once installed.
 flags.adopt_module_key_flags(config_lib)  # So --help lists them.
 
 
@@ -42,25 +43,23 @@ into the log (TF_CPP_MIN_LOG_LEVEL=0 TensorFlow's C++ ones too); --helpfull list
 
 
 def help_text(width=100):
-    """--help: every engine flag with its default, grouped as config.FLAG_GROUPS (and README.md) group them."""
+    """--help: every engine flag with its default, grouped as config.FLAG_GROUPS (and docs/flags.md) group them."""
     lines = [USAGE]
-    for title, names in config_lib.FLAG_GROUPS:
-        lines += ["", f"{title}:"]
+    for title, page, names in config_lib.FLAG_GROUPS:
+        lines += ["", f"{title} (docs/{page}):"]
         for name in names:
-            flag = flags.FLAGS[name]
-            default = flag.default
-            if isinstance(default, list):
-                default = ",".join(map(str, default))
-            elif isinstance(default, bool):
-                default = str(default).lower()
-            lines.append(f"  --{name}" + (f"={default}" if default not in (None, "") else ""))
-            lines += textwrap.wrap(flag.help, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+            default = config_lib.default_text(name)
+            lines.append(f"  --{name}" + (f"={default}" if default else ""))
+            lines += textwrap.wrap(config_lib.help_text(name), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines + ["", MORE]) + "\n"
 
 
 def parse_flags(argv):
     if any(arg in HELP for arg in argv[1:]):
         sys.stdout.write(help_text())
+        sys.exit(errors.EXIT_DONE)
+    if "--helpfull" in argv[1:]:  # absl's own answer exits 1, as if it were an error.
+        sys.stdout.write(help_text() + "\nEvery flag, absl's too:\n" + flags.FLAGS.get_help() + "\n")
         sys.exit(errors.EXIT_DONE)
     try:
         return config_lib.parse_args(argv, flags.FLAGS)
@@ -72,13 +71,19 @@ def main(argv):
     """Runs the job of the parsed flags; returns the exit status."""
     if len(argv) > 1:
         fail(f"unexpected argument {argv[1]!r} (flags look like --name=value)")
-    internals.configure_logging(everything=flags.FLAGS["verbosity"].present)
     try:
-        jobs.run(config_lib.from_flags())
+        config = config_lib.from_flags()  # Before TensorFlow loads: a bad value answers at once.
+        from transfer_engine import internals  # Loads TensorFlow.
+        from transfer_engine.engine import jobs
+
+        internals.configure_logging(everything=flags.FLAGS["verbosity"].present)
+        jobs.run(config)
     except errors.RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_status
     except Exception as error:  # A full disk is the machine's state, not a bug: one line, like bad input.
+        from transfer_engine import internals
+
         path = internals.full_disk_path(error)
         if path is None:
             raise

@@ -24,7 +24,7 @@ from transfer_engine.engine.run_dir import read_flagfile
 from transfer_engine.engine.optimizer import learning_rate_schedule, make_optimizer
 from transfer_engine.errors import ConfigError, named
 from transfer_engine.models import modes, trainability
-from transfer_engine.models.backbones import BACKBONES
+from transfer_engine.models.architectures import ARCHITECTURES
 from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights
 
 SPLITS = ("train", "eval", "test")
@@ -195,7 +195,7 @@ def trained_image_size(weights, backbone):
     ImageNet's, the backbone's own size; an earlier run's (its directory, or a file in it), its flags.txt's
     --image_size. None otherwise (a file from elsewhere)."""
     if weights == "imagenet":
-        return BACKBONES[backbone].default_image_size
+        return ARCHITECTURES[backbone].default_image_size
     run = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
     try:
         size = read_flagfile(os.path.join(run, "flags.txt")).get("image_size", "")

@@ -1,5 +1,5 @@
 """How the engine's compiled steps run the model: the same layers and variables as Keras' own call, two
-ways faster where measured (CPU; figures in README.md, *Throughput*).
+ways faster where measured (CPU; figures in docs/performance.md).
 
 - BatchNorm that trains runs as TensorFlow's fused kernel (FusedBatchNormV3 and its fused gradient,
   what tf.keras 2 used) instead of Keras 3's composite of moments, subtract, multiply and add: one pass

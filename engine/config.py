@@ -13,7 +13,7 @@ from absl import flags
 
 from transfer_engine.errors import ConfigError, UsageError
 from transfer_engine.models import modes
-from transfer_engine.models.backbones import BACKBONES
+from transfer_engine.models.architectures import ARCHITECTURES
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # The checkout, or where it is installed.
 JOBS = ("train", "evaluate", "export", "predict", "benchmark", "compare", "lr_find")
@@ -83,7 +83,7 @@ class Config:
         1.0, "Learning-rate multiplier of backbone variables (discriminative rates), e.g. 0.1."
     )
     # The model.
-    backbone: str = _option("mobilenet_v2", "Backbone architecture.", choices=tuple(BACKBONES))
+    backbone: str = _option("mobilenet_v2", "Backbone architecture.", choices=tuple(ARCHITECTURES))
     alpha: float = _option(1.0, "Width multiplier of the MobileNets.")
     image_size: int = _option(None, "Square input size in pixels (default: the backbone's own).", kind=int)
     weights: str = _option(
@@ -242,12 +242,12 @@ class Config:
         "auto", "auto: mixed_float16 on GPUs of compute capability >= 7.0, else float32.",
         choices=PRECISIONS,
     )
-    jit_compile: str = _option("auto", "XLA for the per-replica step; auto: on one GPU only (not with several replicas: README, Multi-GPU; "
+    jit_compile: str = _option("auto", "XLA for the per-replica step; auto: on one GPU only (not with several replicas: docs/multi-gpu.md; "
         "nor with --deterministic).", choices=AUTO_TRUE_FALSE)
     fused_batchnorm: str = _option(
         "auto",
         "BatchNorm layers that train run as TensorFlow's fused kernel in the engine's steps; auto: on CPU, "
-        "where it was measured faster (see README, How it works).",
+        "where it was measured faster (docs/how-it-works.md).",
         choices=AUTO_TRUE_FALSE,
     )
     checkpoint_every: int = _option(
@@ -292,26 +292,62 @@ class Config:
         return "\n".join(lines) + "\n"
 
 
-# The flags by what they are for, in the order --help shows them and README.md's Flags section groups them.
+# --help's groups, and docs/flags.md's (flag_reference), each with the docs page that tells more.
 FLAG_GROUPS = (
-    ("What to run", ("job", "model_dir")),
-    ("What trains (README: What trains)", (
+    ("What to run", "using-a-trained-model.md", ("job", "model_dir")),
+    ("What trains", "what-trains.md", (
         "mode", "unfreeze", "unfreeze_from", "trainable_regex", "bn", "head_epochs", "backbone_lr_mult",
         "lora_rank")),
-    ("The model (README: Backbones)", ("backbone", "alpha", "image_size", "weights", "dropout", "bn_momentum")),
-    ("The data (README: Data)", (
+    ("The model", "what-trains.md", ("backbone", "alpha", "image_size", "weights", "dropout", "bn_momentum")),
+    ("The data", "data.md", (
         "dataset", "data_dir", "manual_dir", "train_split", "eval_split", "test_split", "label_subset", "cache",
-        "cache_max_gb", "shuffle_buffer", "augment", "mixup", "cutmix", "tta", "deterministic", "feature_cache", "feature_cache_max_gb",
-        "max_image_pixels")),
-    ("Optimisation", (
+        "cache_max_gb", "shuffle_buffer", "augment", "mixup", "cutmix", "tta", "deterministic", "feature_cache",
+        "feature_cache_max_gb", "max_image_pixels")),
+    ("Optimisation", "recipes.md", (
         "batch_size", "grad_accum_steps", "epochs", "steps_per_epoch", "early_stopping", "keep_best",
         "steps_per_loop", "optimizer", "learning_rate", "lr_schedule", "warmup_steps", "weight_decay",
         "label_smoothing", "class_weight", "ema", "seed")),
-    ("Devices (README: Throughput)", (
-        "strategy", "tpu", "cpu_replicas", "precision", "jit_compile", "fused_batchnorm")),
-    ("Checkpoints and faults (README: Reliability)", ("checkpoint_every", "keep_checkpoints", "loss_upper_bound")),
-    ("Using a trained run (README: Use the model)", ("export_format", "inputs", "output", "top_k")),
+    ("Devices", "multi-gpu.md", ("strategy", "tpu", "cpu_replicas", "precision", "jit_compile", "fused_batchnorm")),
+    ("Checkpoints and faults", "reliability.md", ("checkpoint_every", "keep_checkpoints", "loss_upper_bound")),
+    ("Using a trained run", "using-a-trained-model.md", ("export_format", "inputs", "output", "top_k")),
 )
+
+
+def default_text(name):
+    """A flag's default as a command line writes it ("" for none)."""
+    default = next(field.default for field in dataclasses.fields(Config) if field.name == name)
+    if isinstance(default, (list, tuple)):
+        return ",".join(map(str, default))
+    if isinstance(default, bool):
+        return str(default).lower()
+    return "" if default is None else str(default)
+
+
+def help_text(name):
+    """A flag's help, with its choices."""
+    meta = next(field.metadata for field in dataclasses.fields(Config) if field.name == name)
+    return meta["help"] + (f" One of: {', '.join(meta['choices'])}." if meta["choices"] else "")
+
+
+def flag_reference():
+    """docs/flags.md: every flag with its default and help, in --help's groups. `python
+    scripts/flag_reference.py` writes it; tests/test_docs.py fails when the page differs from this."""
+    lines = [
+        "# Flags", "",
+        "Every flag of `python launch.py` (the `transfer-engine` command's, and the Python API's keywords), with its "
+        "default, in the groups `--help` shows. Later flags override earlier ones and a flagfile's "
+        "(`--flagfile=FILE`, one flag a line).", "",
+        "Generated from `engine/config.py` by `python scripts/flag_reference.py`; do not edit it by hand "
+        "(`tests/test_docs.py` fails when it differs from what that command writes).", "",
+    ]
+    for title, page, names in FLAG_GROUPS:
+        lines += [f"## {title}", "", f"More in [{page}]({page}).", "", "| flag | default | what it does |",
+                  "| --- | --- | --- |"]
+        for name in names:
+            default = default_text(name)
+            lines.append(f"| `--{name}` | {f'`{default}`' if default else ''} | {help_text(name).replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 # What a run's HParams row shows (engine/run_dir.py): the flags that describe what it trained and how, not
@@ -341,11 +377,8 @@ def define_flags(flag_values=flags.FLAGS):
     }
     for field in dataclasses.fields(Config):
         meta = field.metadata
-        help_text = meta["help"]
-        if meta["choices"]:
-            help_text += f" One of: {', '.join(meta['choices'])}."
         default = list(field.default) if meta["kind"] is list else field.default
-        definers[meta["kind"]](field.name, default, help_text, flag_values=flag_values)
+        definers[meta["kind"]](field.name, default, help_text(field.name), flag_values=flag_values)
 
 
 def parse_args(argv, flag_values=flags.FLAGS):
@@ -414,7 +447,7 @@ def validate(config):
         if choices and value not in choices:
             raise ConfigError(field.name, value, f"must be one of {', '.join(choices)}")
     if config.image_size is None:
-        config = dataclasses.replace(config, image_size=BACKBONES[config.backbone].default_image_size)
+        config = dataclasses.replace(config, image_size=ARCHITECTURES[config.backbone].default_image_size)
     positive = ["max_image_pixels", "lora_rank", "batch_size", "grad_accum_steps", "epochs", "steps_per_loop", "cpu_replicas", "keep_checkpoints",
                 "learning_rate", "alpha", "image_size", "steps_per_epoch"]
     for name in positive:
@@ -423,7 +456,7 @@ def validate(config):
             raise ConfigError(name, value, "must be positive")
     if config.image_size is not None and config.image_size < 8:
         raise ConfigError("image_size", config.image_size, "must be at least 8 pixels")
-    if config.alpha != 1.0 and not BACKBONES[config.backbone].has_alpha:
+    if config.alpha != 1.0 and not ARCHITECTURES[config.backbone].has_alpha:
         raise ConfigError("alpha", config.alpha, f"{config.backbone} has no width multiplier")
     if not 0 <= config.dropout < 1:
         raise ConfigError("dropout", config.dropout, "must be in [0, 1)")
@@ -529,7 +562,7 @@ def validate(config):
 
 def shipped(path):
     """`path` as given or, where it names nothing from the working directory, the file of that name shipped
-    with the engine (configs/frozen.flags, models/pretrained/...): README's commands work from any
+    with the engine (configs/frozen.flags, models/pretrained/...): README's and the docs' commands work from any
     directory once the package is installed. launch.py resolves --flagfile paths with it too."""
     if path and not os.path.isabs(path) and not os.path.exists(path):
         candidate = os.path.join(PACKAGE_ROOT, path)

@@ -1,7 +1,7 @@
 """Device decisions: which tf.distribute strategy, which precision, whether to use XLA, and how the
 engine's steps call the model (engine/compiled_forward.py).
 
-`auto` picks what was measured fastest on each kind of device (figures in README.md): on GPUs,
+`auto` picks what was measured fastest on each kind of device (figures in docs/performance.md): on GPUs,
 MirroredStrategy over several (OneDeviceStrategy on one: its input iterator prefetches batches onto the
 GPU), mixed float16 (compute capability >= 7.0) and, on one GPU, XLA on the per-replica step; on one CPU, the default
 strategy (no distribution: within noise of OneDeviceStrategy where measured, and nothing added),
@@ -93,7 +93,7 @@ def _cluster(config):
     spec = resolver.cluster_spec().as_dict()
     if not spec:
         raise ConfigError(
-            "strategy", "multi_worker", "needs TF_CONFIG describing the cluster and this task (see README)"
+            "strategy", "multi_worker", "needs TF_CONFIG describing the cluster and this task (see docs/multi-gpu.md)"
         )
     chiefs, workers = len(spec.get("chief", [])), len(spec.get("worker", []))
     task_type, task_id = resolver.task_type, resolver.task_id
@@ -157,7 +157,7 @@ def configure(config):
     keras.mixed_precision.set_global_policy(precision)
 
     # XLA on one GPU only: with several replicas Keras 3 turns XLA off itself, per-replica XLA has open
-    # reports of thread exhaustion after many steps, and its gain there is unmeasured (README, Multi-GPU).
+    # reports of thread exhaustion after many steps, and its gain there is unmeasured (docs/multi-gpu.md).
     # --jit_compile=true forces it (engine/trainer.py compiles the replicas' forward and backward pass).
     # Nor under --deterministic: XLA has no deterministic gradient for some ops (MaxPool's, in small_cnn's
     # blocks and ResNet50's stem).

@@ -212,7 +212,7 @@ class Extractor:
 
     def batches(self, examples):
         """(activations, labels) of `examples` in order, a training batch at a time (on CPU, larger
-        batches extracted slower: 450 against 610 images/sec at 4x; see README). The batches come from
+        batches extracted slower: 450 against 610 images/sec at 4x; see docs/performance.md). The batches come from
         `run.eval_dataset`, padded with weight-0 examples so every replica
         and worker runs the same steps; the padding is dropped."""
         run = self.run

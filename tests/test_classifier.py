@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from transfer_engine.errors import ConfigError
+from transfer_engine.models.architectures import ARCHITECTURES
 from transfer_engine.models.backbones import BACKBONES
 from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier, load_backbone_weights, preprocessing
 
@@ -47,7 +48,7 @@ def test_grayscale_is_repeated_to_three_channels_and_resized():
 def test_called_without_training_the_classifier_runs_inference(backbone):
     """model(x) must not run BatchNorm on the batch's statistics: Keras' image layers (Resizing) default
     to training=True and pass it on to every layer after them."""
-    alpha = 0.35 if BACKBONES[backbone].has_alpha else 1.0
+    alpha = 0.35 if ARCHITECTURES[backbone].has_alpha else 1.0
     model = build_classifier(backbone=backbone, image_size=32, channels=1, num_classes=3, alpha=alpha)
     for variable in model.non_trainable_variables:  # Moving statistics far from any batch's.
         if "moving_mean" in variable.path or "moving_variance" in variable.path:

@@ -196,22 +196,25 @@ def _files(folder):
             for root, _, names in os.walk(folder) for name in names}
 
 
-def test_the_on_disk_cache_of_a_folder_split_changes_with_its_selection_rule():
-    """Activations cached under one way of selecting a split's examples are never read as another's."""
+def test_the_on_disk_cache_of_a_folder_split_changes_with_its_selection_rule_and_contents():
+    """Activations cached under one way of selecting a split's examples, or of another state of the folder,
+    are never read as another's."""
     from types import SimpleNamespace
 
     inputs = keras.Input((4,))
     lower = keras.Model(inputs, keras.layers.Dense(2)(inputs))
     run = SimpleNamespace(config=SimpleNamespace(image_size=32, max_image_pixels=89_478_485), worker=(0, 1))
 
-    def examples(scheme):
-        source = SimpleNamespace(name="folder:x", label_subset=(), split_scheme=scheme)
+    def examples(scheme, contents="3f2a"):
+        source = SimpleNamespace(name="folder:x", label_subset=(), split_scheme=scheme, contents=contents)
         return SimpleNamespace(split=SimpleNamespace(source=source, name="train[:80%]"))
 
     assert feature_cache.folder_name(run, lower, examples("stratified")) == feature_cache.folder_name(
         run, lower, examples("stratified"))
     assert feature_cache.folder_name(run, lower, examples("stratified")) != feature_cache.folder_name(
         run, lower, examples(""))
+    assert feature_cache.folder_name(run, lower, examples("stratified", "77c0")) != feature_cache.folder_name(
+        run, lower, examples("stratified"))  # Images added, removed or rewritten.
     limited = SimpleNamespace(config=SimpleNamespace(image_size=32, max_image_pixels=10_000), worker=(0, 1))
     assert feature_cache.folder_name(limited, lower, examples("")) != feature_cache.folder_name(
         run, lower, examples(""))  # --max_image_pixels decides which images are there.

@@ -96,7 +96,8 @@ def test_flag_answers_come_before_tensorflow_loads(args, status, line):
 def _readme_commands():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    commands = re.findall(r"^    python launch\.py (.+)$", readme, re.M)
+    commands = [block or inline for block, inline in  # Shown as a block, or inline in a sentence.
+                re.findall(r"^    python launch\.py (.+)$|`python launch\.py ([^`]+)`", readme, re.M)]
     flagfile = re.search(r"^    # my_photos\.flags\n((?:    --.+\n)+)", readme, re.M).group(1)
     return commands, [line.strip() for line in flagfile.splitlines()]
 

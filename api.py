@@ -115,6 +115,7 @@ def predict(model_dir, images, **flags):
     array = _image_array(images)
     _logging()
     run = config(job="predict", model_dir=model_dir, **flags)
+    jobs.prepare_process(run)
     conform = lambda image, image_size, channels, max_pixels: pipeline.conform(image, image_size=image_size, channels=channels)
     found = top_classes(run, tf.data.Dataset.from_tensor_slices(array), len(array), decode=conform)
     return [{"classes": found[index][0], "probabilities": found[index][1]} for index in range(len(array))]

@@ -54,11 +54,18 @@ def evaluate(config):
 
 def run(config):
     """Runs `config.job`: the one path of launch.py and the Python API. Returns what the job returns."""
+    prepare_process(config)
+    return JOBS[config.job](config)
+
+
+def prepare_process(config):
+    """What the process needs before any job of `config` (the API's predict on arrays calls it too): the
+    libraries' versions checked, room in the temporary directory, and the CPU split into replicas before
+    anything initialises TensorFlow's devices."""
     internals.check_versions()
     check_temporary_space()
-    if config.cpu_replicas > 1:  # Before any job reads data: that initialises TensorFlow's devices.
+    if config.cpu_replicas > 1:
         distribute.split_cpu(config.cpu_replicas)
-    return JOBS[config.job](config)
 
 
 JOBS = {

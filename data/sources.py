@@ -194,10 +194,12 @@ class FolderSource(Source):
                 else:
                     others.append(os.path.relpath(path, root))
         if len(class_names) < 2 or not files:
+            loose = sum(is_image(name) and os.path.isfile(os.path.join(root, name)) for name in os.listdir(root))
             raise ConfigError(
                 "dataset", FOLDER_PREFIX + root,
-                f"needs one sub-folder of images per class ({len(class_names)} sub-folders, "
-                f"{len(files)} images)",
+                f"needs one sub-folder of images per class ({len(class_names)} sub-folders, {len(files)} images in "
+                "them" + (f"; {loose} images beside them: if it is one class's folder, give the folder that holds "
+                          "the class folders" if loose else "") + ")",
             )
         empty = [name for label, name in enumerate(class_names) if all(file[1] != label for file in files)]
         if empty:

@@ -164,6 +164,7 @@ def test_a_staged_run_uses_the_cache_for_both_stages(tiny, pretrained_run, tmp_p
         assert cached[key] == pytest.approx(live[key], rel=1e-5), key
 
 
+@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays under 2 minutes.
 def test_a_cache_over_its_budget_goes_to_disk_or_is_skipped_with_a_reason(tiny, pretrained_run, tmp_path, caplog):
     caplog.set_level("INFO", logger="absl")
     config = tiny(mode="finetune", unfreeze=2, weights=pretrained_run, train_split="train[:1%]",

@@ -139,6 +139,14 @@ def to_channels(images, channels):
     return either(lambda: images, lambda: tf.image.grayscale_to_rgb(images))
 
 
+def memory_budget(gigabytes, share):
+    """A cache's budget in bytes: `gigabytes` (a --*_max_gb flag) if given, else 1/`share` of this machine's
+    memory (the image cache's and the feature cache's, engine/assembly.py and engine/feature_cache.py)."""
+    if gigabytes is not None:
+        return int(gigabytes * 1e9)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // share
+
+
 def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic=True, max_pixels=MAX_IMAGE_PIXELS):
     """Decodes, resizes and caches this worker's shard of `split`, counting what decoded.
 

@@ -218,8 +218,7 @@ def _image_cache(config, source, splits, worker):
     if config.cache == "memory":
         pixels = config.image_size * config.image_size * source.channels
         needed = sum(worker.shard_size(split.num_examples) for split in splits if split) * (pixels + 8)
-        budget = (int(config.cache_max_gb * 1e9) if config.cache_max_gb is not None
-                  else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
+        budget = pipeline.memory_budget(config.cache_max_gb, share=2)
         if needed <= budget:
             return config.cache
         logging.warning(

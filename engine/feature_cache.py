@@ -62,9 +62,7 @@ def reason_not_to_cache(config):
 
 def max_bytes(config):
     """--feature_cache_max_gb in bytes; by default a quarter of this machine's memory."""
-    if config.feature_cache_max_gb is not None:
-        return int(config.feature_cache_max_gb * 1e9)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    return pipeline.memory_budget(config.feature_cache_max_gb, share=4)
 
 
 def _computes_in_training(layer):

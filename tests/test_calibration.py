@@ -1,0 +1,46 @@
+"""engine/calibration.py: a temperature that undoes over-confidence, the calibration error it lowers, and
+the risk-coverage curve's threshold for a target accuracy."""
+
+import numpy as np
+
+from transfer_engine.engine import calibration
+
+
+def _calibrated_logits(rng, count=4000, classes=5):
+    """Logits whose softmax is calibrated by construction: labels drawn from it."""
+    logits = rng.normal(0, 1.5, (count, classes))
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(classes, p=row) for row in p])
+    return logits, labels
+
+
+def test_an_over_confident_model_gets_its_temperature_back_and_its_calibration_error_falls():
+    rng = np.random.default_rng(0)
+    logits, labels = _calibrated_logits(rng)
+    over = logits * 4.0  # The same ranking, four times too sure.
+    temperature = calibration.fit_temperature(over, labels)
+    assert abs(temperature - 4.0) < 0.3, temperature
+    softmax = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
+    before = calibration.expected_calibration_error(softmax(over), labels)
+    after = calibration.expected_calibration_error(softmax(over / temperature), labels)
+    assert before > 0.15 and after < 0.03, (before, after)
+    assert calibration.negative_log_likelihood(over, labels, temperature) < calibration.negative_log_likelihood(over, labels)
+    assert (softmax(over / temperature).argmax(1) == over.argmax(1)).all()  # Accuracy untouched.
+
+
+def test_an_under_confident_model_gets_a_temperature_below_one():
+    rng = np.random.default_rng(1)
+    logits, labels = _calibrated_logits(rng)
+    assert abs(calibration.fit_temperature(logits / 3.0, labels) - 1 / 3.0) < 0.05
+
+
+def test_the_risk_coverage_curve_and_its_threshold():
+    probabilities = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.55, 0.45]])
+    labels = np.array([0, 0, 1, 1, 1])  # Right, right, right, wrong, wrong (by confidence: .9 .8 .7 .6 .55).
+    curve = calibration.risk_coverage(probabilities, labels)
+    np.testing.assert_allclose(curve.thresholds, [0.9, 0.8, 0.7, 0.6, 0.55])
+    np.testing.assert_allclose(curve.coverage, [0.2, 0.4, 0.6, 0.8, 1.0])
+    np.testing.assert_allclose(curve.accuracy, [1, 1, 1, 0.75, 0.6])
+    assert curve.threshold_for(1.0) == 0.7 and curve.threshold_for(0.75) == 0.6
+    assert curve.threshold_for(0.5) == 0.55
+    assert calibration.risk_coverage(probabilities, 1 - labels).threshold_for(0.99) is None

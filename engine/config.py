@@ -16,7 +16,7 @@ from transfer_engine.models import modes
 from transfer_engine.models.architectures import ARCHITECTURES
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # The checkout, or where it is installed.
-JOBS = ("train", "evaluate", "export", "predict", "benchmark", "compare", "lr_find")
+JOBS = ("train", "evaluate", "export", "predict", "benchmark", "compare", "lr_find", "inspect")
 EXPORT_FORMATS = ("saved_model", "litert", "litert_int8")
 # Jobs that use a trained run: they take every option not given on the command line from the run's own
 # flags.txt (so --model_dir is all they need), and refuse a given one that would describe another model.

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import os
 
 from absl import logging
 import numpy as np
@@ -33,12 +34,16 @@ def inspect(config):
         for batch, _ in features.splits[name].dataset.batch(4096).as_numpy_iterator():
             vectors.append(batch.reshape(len(batch), -1))
     vectors = np.concatenate(vectors)
+    if os.environ.get("INSPECT_DUMP"):  # WIP: features for choosing the threshold.
+        np.savez(os.environ["INSPECT_DUMP"], vectors=vectors, labels=np.array(labels), digests=np.array(digests),
+                 splits=np.array([split for split, _ in rows]))
     pairs = inspection.exact_duplicates(digests) + [
         pair for pair in inspection.near_duplicates(vectors, NEAR_THRESHOLD) if digests[pair.a] != digests[pair.b]]
     train = [i for i, (split, _) in enumerate(rows) if split == "train"]
     probabilities = inspection.out_of_fold_probabilities(vectors[train], np.array(labels)[train], run.source.num_classes)
     suspects = inspection.suspect_labels(probabilities, np.array(labels)[train])
     run_dir = RunDir(config.model_dir)
+    os.makedirs(run_dir.path, exist_ok=True)
     classes = run.source.class_names
     write_atomic(run_dir.file("duplicates.csv"), _csv(
         ["path_a", "split_a", "path_b", "split_b", "similarity"],

@@ -15,7 +15,7 @@ import os
 from absl import logging
 
 from transfer_engine import internals
-from transfer_engine.engine import assembly, benchmark, compare, distribute, export, lr_find, predict, training
+from transfer_engine.engine import assembly, benchmark, compare, distribute, export, inspect, lr_find, predict, training
 from transfer_engine.engine.run_dir import RunDir, check_temporary_space
 from transfer_engine.engine.trainer import Stages
 from transfer_engine.errors import ConfigError
@@ -76,4 +76,5 @@ JOBS = {
     "benchmark": benchmark.benchmark,
     "compare": compare.compare,
     "lr_find": lr_find.lr_find,
+    "inspect": inspect.inspect,
 }

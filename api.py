@@ -22,7 +22,7 @@ import tensorflow as tf
 from transfer_engine.data import pipeline
 from transfer_engine.engine import config as config_lib
 from transfer_engine.engine import jobs
-from transfer_engine.engine.predict import top_classes
+from transfer_engine.engine.predict import answer, top_classes
 from transfer_engine.errors import ConfigError, UsageError  # noqa: F401  Part of the API.
 
 _logging_configured = False
@@ -98,8 +98,9 @@ def benchmark(**flags):
 
 
 def predict(model_dir, images, **flags):
-    """The top classes of `images` by the run in `model_dir`: a list, per image, of {"classes": top
-    --top_k class names, "probabilities": theirs} (and "path" for files).
+    """The top classes of `images` by the run in `model_dir`: a list, per image, of {"answer": the top
+    class, or "unknown" below --min_confidence, "classes": top --top_k class names, "probabilities": theirs,
+    calibrated by the run's temperature} (and "path" for files).
 
     `images`: file paths, folders or globs (a str or a list; written to predictions.csv as --job=predict
     does, files that do not decode left out and logged), or a numpy array (or nested lists) of uint8
@@ -118,7 +119,8 @@ def predict(model_dir, images, **flags):
     jobs.prepare_process(run)
     conform = lambda image, image_size, channels, max_pixels: pipeline.conform(image, image_size=image_size, channels=channels)
     found = top_classes(run, tf.data.Dataset.from_tensor_slices(array), len(array), decode=conform)
-    return [{"classes": found[index][0], "probabilities": found[index][1]} for index in range(len(array))]
+    return [{"answer": answer(*found[index], run.min_confidence), "classes": found[index][0],
+             "probabilities": found[index][1]} for index in range(len(array))]
 
 
 def _image_array(images):

@@ -15,17 +15,23 @@ import numpy as np
 ECE_BINS = 15  # The usual number of equal-width confidence bins.
 
 
-def _softmax(logits):
+def softmax(logits):
+    logits = np.asarray(logits, np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def negative_log_likelihood(logits, labels, temperature=1.0):
+def cross_entropy(logits, labels, temperature=1.0):
+    """Each example's negative log-likelihood of its label under softmax(logits / temperature)."""
     scaled = np.asarray(logits, np.float64) / temperature
     shifted = scaled - scaled.max(axis=1, keepdims=True)
     log_z = np.log(np.exp(shifted).sum(axis=1))
-    return float(np.mean(log_z - shifted[np.arange(len(labels)), labels]))
+    return log_z - shifted[np.arange(len(labels)), labels]
+
+
+def negative_log_likelihood(logits, labels, temperature=1.0):
+    return float(np.mean(cross_entropy(logits, labels, temperature)))
 
 
 def fit_temperature(logits, labels, *, steps=50, tolerance=1e-10):
@@ -40,7 +46,7 @@ def fit_temperature(logits, labels, *, steps=50, tolerance=1e-10):
     inverse = 1.0
     loss = negative_log_likelihood(logits, labels, 1.0)
     for _ in range(steps):
-        p = _softmax(inverse * logits)
+        p = softmax(inverse * logits)
         mean = (p * logits).sum(axis=1)
         gradient = np.mean(mean - picked)
         curvature = np.mean((p * logits ** 2).sum(axis=1) - mean ** 2)
@@ -92,6 +98,16 @@ class RiskCoverage:
         reaching = np.flatnonzero(self.accuracy >= target_accuracy)
         return float(self.thresholds[reaching[-1]]) if len(reaching) else None
 
+    def sampled(self, points):
+        """The curve at `points` evenly spaced coverages (for results.json): at each, the point of the
+        curve with the least coverage reaching it."""
+        wanted = np.linspace(0, 1, points)[1:]
+        at = np.minimum(np.searchsorted(self.coverage, wanted - 1e-12), len(self.coverage) - 1)
+        at = np.unique(at)
+        return {"threshold": [round(float(x), 6) for x in self.thresholds[at]],
+                "coverage": [round(float(x), 6) for x in self.coverage[at]],
+                "accuracy": [round(float(x), 6) for x in self.accuracy[at]]}
+
 
 def risk_coverage(probabilities, labels):
     """The risk-coverage curve of confidence thresholds, one point per distinct confidence."""
@@ -104,3 +120,13 @@ def risk_coverage(probabilities, labels):
     accepted = np.arange(1, len(confidence) + 1)[last]
     return RiskCoverage(thresholds=confidence[last], coverage=accepted / len(confidence),
                         accuracy=np.cumsum(correct)[last] / accepted)
+
+
+def accepted(probabilities, labels, threshold):
+    """What a confidence threshold keeps: the share of examples whose top probability reaches it, and
+    their accuracy (None when none does)."""
+    probabilities = np.asarray(probabilities, np.float64)
+    keep = probabilities.max(axis=1) >= threshold
+    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    return {"coverage": float(keep.mean()) if len(keep) else 0.0, "accepted": int(keep.sum()),
+            "accuracy": float(correct[keep].mean()) if keep.any() else None}

@@ -260,6 +260,22 @@ class Config:
         "(default: 100 x ln(classes), a hundred times a uniform guess's loss).",
         kind=float,
     )
+    # Trust: what the data holds, what the confidence means.
+    near_duplicate: float = _option(
+        0.0,
+        "--job=inspect: report two images as near duplicates when their features' cosine similarity (centred on "
+        "the data's mean) is at least this; 0 (default) derives it from the data: the similarity of each "
+        "image to a slightly changed copy of itself (docs/trust.md).", kind=float)
+    min_confidence: float = _option(
+        0.0,
+        "--job=predict: answer unknown when the calibrated probability of the top class is below this (train "
+        "reports what it would accept of the eval and test splits).", kind=float)
+    target_accuracy: float = _option(
+        None,
+        "--job=train: the lowest confidence threshold whose accepted eval images reach this accuracy (in "
+        "results.json and the log, to give predict as --min_confidence).", kind=float)
+    unknown_dir: str = _option(
+        "", "--job=train: a folder of images of none of the classes: the share of them the threshold rejects.")
     # Using a trained run.
     export_format: tuple = _option(
         ("saved_model",),
@@ -309,6 +325,7 @@ FLAG_GROUPS = (
         "label_smoothing", "class_weight", "ema", "seed")),
     ("Devices", "multi-gpu.md", ("strategy", "tpu", "cpu_replicas", "precision", "jit_compile", "fused_batchnorm")),
     ("Checkpoints and faults", "reliability.md", ("checkpoint_every", "keep_checkpoints", "loss_upper_bound")),
+    ("Trust", "trust.md", ("near_duplicate", "min_confidence", "target_accuracy", "unknown_dir")),
     ("Using a trained run", "using-a-trained-model.md", ("export_format", "inputs", "output", "top_k")),
 )
 
@@ -353,7 +370,8 @@ def flag_reference():
 # What a run's HParams row shows (engine/run_dir.py): the flags that describe what it trained and how, not
 # where files are or how it was scheduled.
 NOT_HPARAMS = ("job", "model_dir", "data_dir", "manual_dir", "cache", "cache_max_gb", "feature_cache_max_gb", "max_image_pixels", "steps_per_loop",
-               "tpu", "checkpoint_every", "keep_checkpoints", "export_format", "inputs", "output", "top_k")
+               "tpu", "checkpoint_every", "keep_checkpoints", "export_format", "inputs", "output", "top_k",
+               "near_duplicate", "min_confidence", "target_accuracy", "unknown_dir")
 
 
 def hparams(config):
@@ -549,6 +567,13 @@ def validate(config):
         raise ConfigError("loss_upper_bound", config.loss_upper_bound, "must be positive")
     if config.checkpoint_every < 0:
         raise ConfigError("checkpoint_every", config.checkpoint_every, "must not be negative")
+    for name in ("near_duplicate", "min_confidence"):
+        if not 0 <= getattr(config, name) < 1:
+            raise ConfigError(name, getattr(config, name), "must be in [0, 1)")
+    if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
+        raise ConfigError("target_accuracy", config.target_accuracy, "must be in (0, 1]")
+    if config.unknown_dir and not os.path.isdir(config.unknown_dir):
+        raise ConfigError("unknown_dir", config.unknown_dir, "no such folder")
     if config.jit_compile == "true" and config.deterministic:
         raise ConfigError(
             "jit_compile", "true",

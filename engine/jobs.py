@@ -15,7 +15,7 @@ import os
 from absl import logging
 
 from transfer_engine import internals
-from transfer_engine.engine import assembly, benchmark, compare, distribute, export, inspect, lr_find, predict, training
+from transfer_engine.engine import assembly, benchmark, compare, confidence, distribute, export, inspect, lr_find, predict, training
 from transfer_engine.engine.run_dir import RunDir, check_temporary_space
 from transfer_engine.engine.trainer import Stages
 from transfer_engine.errors import ConfigError
@@ -40,8 +40,10 @@ def evaluate(config):
         for key in ("loss", "accuracy", "examples", "class_accuracy", "confusion_matrix"):
             evaluation[f"{name}_{key}"] = metrics[key] if metrics else None
     if run.splits["test"]:
+        logits, labels = confidence.logits_of(run.model, run.splits["test"].dataset, batch_size=run.config.batch_size,
+                                              tta=run.config.tta)
         evaluation["test_top_losses"] = training.write_top_losses(
-            run, run_dir, model=run.model, scored=run.splits["test"], step=int(run.state.step.numpy()),
+            run, run_dir, logits=logits, labels=labels, step=int(run.state.step.numpy()),
             title=f"{os.path.basename(restored)}: the highest losses of {run.config.test_split}")
     run_dir.write_json("evaluation.json", evaluation)
     logging.info(

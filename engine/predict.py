@@ -1,4 +1,6 @@
-"""`--job=predict`: a trained run's model.keras on image files, folders and globs -> a CSV of top classes.
+"""`--job=predict`: a trained run's model.keras on image files, folders and globs -> a CSV of top classes,
+with the probabilities calibrated by the run's temperature (engine/confidence.py) and, below
+--min_confidence, the answer `unknown` (the top class then in a last column, top_class).
 
 Images are decoded as the training pipeline decodes them (data/pipeline.py: any JPEG, PNG, BMP or GIF
 first frame, converted to the run's channel count and resized to its --image_size), so a prediction
@@ -48,27 +50,46 @@ def predict(config):
     header = ["path", "label", "probability"] + [
         name for k in range(2, top_k + 1) for name in (f"label_{k}", f"probability_{k}")
     ]
-    rows = [[paths[index]] + [x for name, p in zip(*found[index]) for x in (name, f"{p:.6f}")] for index in sorted(found)]
+    answers = {index: answer(classes, probabilities, config.min_confidence)
+               for index, (classes, probabilities) in found.items()}
+    rows = [[paths[index], answers[index]] + [x for name, p in zip(*found[index]) for x in (name, f"{p:.6f}")][1:]
+            for index in sorted(found)]
+    if config.min_confidence:
+        header.append("top_class")
+        rows = [row + [found[index][0][0]] for row, index in zip(rows, sorted(found))]
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows([header] + rows)
     try:
         write_atomic(output, text.getvalue())
     except OSError as error:
         raise ConfigError("output", output, f"cannot be written ({error.strerror})") from None
-    logging.info("Predicted %d images: %s", len(rows), output)
-    predictions = [{"path": paths[index], "classes": found[index][0], "probabilities": found[index][1]}
-                   for index in sorted(found)]
+    unknown = sum(answer == UNKNOWN for answer in answers.values())
+    logging.info("Predicted %d images%s: %s", len(rows), f", {unknown} unknown (top class below --min_confidence="
+                 f"{config.min_confidence:g})" if config.min_confidence else "", output)
+    predictions = [{"path": paths[index], "answer": answers[index], "classes": found[index][0],
+                    "probabilities": found[index][1]} for index in sorted(found)]
     return {"job": "predict", "output": output, "predicted": len(rows), "unreadable": unreadable,
             "predictions": predictions}
+
+
+UNKNOWN = "unknown"
+
+
+def answer(classes, probabilities, min_confidence):
+    """The top class, or `unknown` when its probability is below `min_confidence`."""
+    return classes[0] if probabilities[0] >= min_confidence else UNKNOWN
 
 
 def top_classes(config, images, count, *, decode):
     """{index: (top --top_k class names, their probabilities)} of the `count` elements of `images` (a
     dataset) that `decode(element, image_size=, channels=)` turns into an image, by the run's model.keras
-    (--tta: with mirror images). Elements that fail to decode are left out."""
+    (--tta: with mirror images), calibrated by the run's temperature. Elements that fail to decode are left
+    out."""
     run_dir = RunDir(config.model_dir)
     run_dir.refuse_if_training("predict")
-    class_names = run_dir.read_json("results.json").get("class_names")
+    results = run_dir.read_json("results.json")
+    class_names = results.get("class_names")
+    temperature = (results.get("calibration") or {}).get("temperature", 1.0)  # 1: a run without an eval split.
     devices = distribute.configure(config)
     with devices.strategy.scope():
         model = load_model(run_dir)
@@ -85,7 +106,7 @@ def top_classes(config, images, count, *, decode):
     @tf.function
     def probabilities(images):
         call = lambda batch: model(batch, training=False)
-        logits = flip_averaged(call, images) if config.tta else call(images)
+        logits = (flip_averaged(call, images) if config.tta else call(images)) / temperature
         return keras.ops.sigmoid(logits) if logits.shape[-1] == 1 else keras.ops.softmax(logits)
 
     found = {}

@@ -6,19 +6,16 @@ in TensorBoard (logs/test). People would rather look at the mistakes than read a
 photo, a class that needs more examples, an image the pipeline mangled.
 
 The losses come from one inference pass over the split the test evaluated (the cached features where
-the run has them, so it costs little), in the model's own inference mode, the same per-example loss as
-the evaluation (engine/trainer.py).
+the run has them, so it costs little), in the model's own inference mode: the logits the calibration
+measures too (engine/confidence.py), and the per-example cross-entropy of the evaluation.
 """
 
 import dataclasses
-import heapq
 import os
 
 import numpy as np
-import tensorflow as tf
 
-from transfer_engine.engine import figures
-from transfer_engine.engine.trainer import flip_averaged, per_example_loss, predicted_class
+from transfer_engine.engine import calibration, figures
 
 SHOWN = 16  # Pictures drawn: a 4 x 4 grid.
 
@@ -32,31 +29,15 @@ class Mistake:
     probability: float  # Of the predicted class.
 
 
-def find(model, examples, *, batch_size, tta=False, shown=SHOWN):
-    """The `shown` examples of `examples` (pipeline.Examples of images, or of cached features with the
-    model above the cut) with the highest loss, highest first."""
-
-    def predict(inputs, labels):  # Eagerly: one pass, no trace kept (compare runs it once per mode).
-        call = lambda batch: model(batch, training=False)
-        logits = tf.cast(flip_averaged(call, inputs) if tta else call(inputs), tf.float32)
-        loss, _ = per_example_loss(labels, logits)
-        if logits.shape[-1] == 1:
-            positive = tf.sigmoid(logits[:, 0])
-            probability = tf.where(logits[:, 0] > 0, positive, 1 - positive)
-        else:
-            probability = tf.reduce_max(tf.nn.softmax(logits), axis=-1)
-        return loss, predicted_class(logits, labels.dtype), probability
-
-    worst, index = [], 0
-    for inputs, labels in examples.dataset.batch(batch_size):
-        loss, predicted, probability = (value.numpy() for value in predict(inputs, labels))
-        for row in range(len(loss)):
-            mistake = Mistake(index + row, float(loss[row]), int(labels[row]), int(predicted[row]), float(probability[row]))
-            heapq.heappush(worst, (mistake.loss, -mistake.index, mistake))
-            if len(worst) > shown:
-                heapq.heappop(worst)
-        index += len(loss)
-    return [entry[2] for entry in sorted(worst, reverse=True)]
+def find(logits, labels, *, shown=SHOWN):
+    """The `shown` examples with the highest loss, highest first, from the logits of a split's examples in
+    order ([n, classes >= 2]: engine/confidence.py's logits_of) and their labels."""
+    logits = np.asarray(logits, np.float64)
+    probabilities = calibration.softmax(logits)
+    losses = calibration.cross_entropy(logits, labels)
+    order = np.lexsort((np.arange(len(losses)), -losses))[:shown]  # Highest loss first; ties: the earlier example.
+    return [Mistake(int(i), float(losses[i]), int(labels[i]), int(probabilities[i].argmax()), float(probabilities[i].max()))
+            for i in order]
 
 
 def images(examples, indices):
@@ -90,11 +71,11 @@ def figure(mistakes, pictures, class_names, *, names=None, title):
     return drawing
 
 
-def write(run_dir, *, model, scored, shown_from, class_names, batch_size, step, title, tta=False, names=None):
-    """top_losses.png (and its TensorBoard image) of the test split: losses computed on `scored` (its
-    images, or its cached features with `model` the part above the cut), pictures taken from `shown_from`
-    (the same examples' images, in the same order). `names(index)` names an example, when known."""
-    mistakes = find(model, scored, batch_size=batch_size, tta=tta)
+def write(run_dir, *, logits, labels, shown_from, class_names, step, title, names=None):
+    """top_losses.png (and its TensorBoard image) of the test split: losses from the `logits` of its
+    examples, pictures taken from `shown_from` (the same examples' images, in the same order).
+    `names(index)` names an example, when known."""
+    mistakes = find(logits, labels)
     if not mistakes:
         return []
     pictures = images(shown_from, [mistake.index for mistake in mistakes])

@@ -7,7 +7,7 @@ import time
 
 from absl import logging
 
-from transfer_engine.engine import assembly, confusion, feature_cache, loop, top_losses
+from transfer_engine.engine import assembly, confidence, confusion, feature_cache, loop, top_losses
 from transfer_engine.engine import config as config_lib
 from transfer_engine.engine.optimizer import use_averaged_weights
 from transfer_engine.engine.run_dir import RunDir, replace_atomic
@@ -26,6 +26,8 @@ def evaluate_split(run, trainer, examples):
 def train(config, *, progress_label=""):
     """Trains (or resumes) a run in --model_dir and writes its results."""
     started = time.time()
+    if config.unknown_dir:
+        confidence.unknown_paths(config.unknown_dir)
     run = assembly.build(config)
     config = run.config  # With the splits the dataset decided.
     # Other workers write what the chief writes to a directory of their own (TensorFlow's convention).
@@ -111,6 +113,10 @@ def _train(config, run, run_dir, started, progress_label):
         logging.info("Keeping the best epoch, %d of %d (eval accuracy %.4f): model.keras, backbone.weights.h5 "
                      "and the test come from it", last["epoch"], run.epochs_done, last["eval_accuracy"])
     test = evaluate_split(run, stages(run.epochs_done - 1), splits["test"])
+    upper = features.upper if features else run.model
+    calibrated, test_logits, test_labels = measure_confidence(
+        run, run_dir, model=upper, splits=splits, step=int(run.state.step.numpy()),
+        title=f"{config.mode}: confidence on {config.eval_split}")
 
     _save_artifacts(run, run_dir)
     trainable, frozen = trainability.parameter_counts(run.model, run.trained_variables)
@@ -136,6 +142,7 @@ def _train(config, run, run_dir, started, progress_label):
         "test_class_accuracy": test["class_accuracy"] if test else None,
         "test_confusion_matrix": {"classes": list(run.source.class_names), "counts": test["confusion_matrix"]}
         if test else None,
+        "calibration": calibrated,
         "images_per_sec": throughput.images_per_sec,
         "feature_cache": features.report if features else None,
         "skipped_examples": {name: examples.skipped for name, examples in run.splits.items() if examples},
@@ -149,8 +156,8 @@ def _train(config, run, run_dir, started, progress_label):
         confusion.write(run_dir, test["confusion_matrix"], run.source.class_names, step=results["global_step"],
                         title=f"{config.mode}: {config.test_split} ({test['examples']:,} images)")
         results["test_top_losses"] = write_top_losses(
-            run, run_dir, model=features.upper if features else run.model, scored=splits["test"],
-            step=results["global_step"], title=f"{config.mode}: the highest losses of {config.test_split}")
+            run, run_dir, logits=test_logits, labels=test_labels, step=results["global_step"],
+            title=f"{config.mode}: the highest losses of {config.test_split}")
     run_dir.record_hparams(config_lib.hparams(config), test, step=results["global_step"])
     run_dir.write_json("results.json", results)
     logging.info(
@@ -178,18 +185,55 @@ def _save_artifacts(run, run_dir):
     replace_atomic(run_dir.file("backbone.weights.h5"), run.model.get_layer(BACKBONE_LAYER).save_weights)
 
 
-def write_top_losses(run, run_dir, *, model, scored, step, title):
-    """top_losses.png of the run's test split (engine/top_losses.py); the mistakes as results.json lists them."""
+def write_top_losses(run, run_dir, *, logits, labels, step, title):
+    """top_losses.png of the run's test split (engine/top_losses.py) from its `logits`; the mistakes as
+    results.json lists them."""
     test, classes = run.splits["test"], run.source.class_names
     # Example names follow the split as read: exact with one reader and nothing skipped; else the position.
     name = ((lambda index: run.source.example_name(test.split.name, index))
             if run.worker.count == 1 and not test.skipped else None)
-    mistakes = top_losses.write(
-        run_dir, model=model, scored=scored, shown_from=test, class_names=classes, batch_size=run.config.batch_size,
-        step=step, title=title, tta=run.config.tta, names=name,
-    )
+    mistakes = top_losses.write(run_dir, logits=logits, labels=labels, shown_from=test, class_names=classes,
+                                step=step, title=title, names=name)
     return [{"example": name(m.index) if name else m.index, "label": classes[m.label], "predicted": classes[m.predicted],
              "probability": m.probability, "loss": m.loss} for m in mistakes]
+
+
+def measure_confidence(run, run_dir, *, model, splits, step, title):
+    """The logits of the eval and test splits (`model` on `splits`: images, or cached features with the
+    model above the cut) and of --unknown_dir's images; results.json's "calibration" (None without an eval
+    split) and coverage.png (engine/confidence.py). Returns (calibration, test logits, test labels)."""
+    config = run.config
+    logits = {name: confidence.logits_of(model, splits[name].dataset, batch_size=config.batch_size, tta=config.tta)
+              if splits[name] else (None, None) for name in ("eval", "test")}
+    if logits["eval"][0] is None or not len(logits["eval"][0]):
+        return None, *logits["test"]
+    unknown = None
+    if config.unknown_dir:
+        images = confidence.unknown_images(config.unknown_dir, image_size=config.image_size,
+                                           channels=int(run.model.input.shape[-1]), max_pixels=config.max_image_pixels)
+        unknown = confidence.logits_of(run.model, images, batch_size=config.batch_size, tta=config.tta)[0]
+    report = confidence.measure(
+        eval_logits=logits["eval"][0], eval_labels=logits["eval"][1], test_logits=logits["test"][0],
+        test_labels=logits["test"][1], unknown_logits=unknown, target_accuracy=config.target_accuracy,
+        min_confidence=config.min_confidence)
+    confidence.write(run_dir, report, step=step, title=title, eval_logits=logits["eval"][0],
+                     eval_labels=logits["eval"][1], unknown_logits=unknown)
+    logging.info("Calibration: temperature %.3g fitted on %d eval images; expected calibration error %s",
+                 report["temperature"], report["fitted_on_eval_examples"], "; ".join(
+                     f"{name} {report[name]['ece_before']:.4f} -> {report[name]['ece_after']:.4f}"
+                     for name in ("eval", "test") if name in report))
+    if config.target_accuracy is not None and report["threshold"] is None:
+        logging.warning("--target_accuracy=%g: no confidence threshold reaches it on the eval split", config.target_accuracy)
+    elif report["threshold"] is not None:
+        kept = report["at_threshold"]
+        logging.info("Confidence threshold %.4f%s: accepts %s", report["threshold"],
+                     f" (--target_accuracy={config.target_accuracy:g})" if config.target_accuracy is not None else "",
+                     "; ".join(f"{name} {row['coverage']:.1%} of images at accuracy {fmt(row['accuracy'])}"
+                               for name, row in kept.items()) + (
+                         f"; rejects {report['unknown']['rejected']:.1%} of --unknown_dir's "
+                         f"{report['unknown']['images']} images" if "unknown" in report else "") +
+                     f"; give it to predict as --min_confidence={report['threshold']:.4f}")
+    return report, *logits["test"]
 
 
 def describe(devices):

@@ -44,3 +44,17 @@ def test_the_risk_coverage_curve_and_its_threshold():
     assert curve.threshold_for(1.0) == 0.7 and curve.threshold_for(0.75) == 0.6
     assert curve.threshold_for(0.5) == 0.55
     assert calibration.risk_coverage(probabilities, 1 - labels).threshold_for(0.99) is None
+    assert calibration.accepted(probabilities, labels, 0.7) == {"coverage": 0.6, "accepted": 3, "accuracy": 1.0}
+    assert calibration.accepted(probabilities, labels, 0.95) == {"coverage": 0.0, "accepted": 0, "accuracy": None}
+    sampled = curve.sampled(11)  # Coverages .1, .2, ..., 1: each at the least coverage of the curve reaching it.
+    assert sampled["coverage"] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert sampled["threshold"] == [0.9, 0.8, 0.7, 0.6, 0.55] and sampled["accuracy"] == [1, 1, 1, 0.75, 0.6]
+
+
+def test_a_sigmoid_models_logit_calibrates_as_two_softmax_logits():
+    from transfer_engine.engine import confidence
+
+    z = np.array([[2.0], [-1.0]])
+    two = confidence.two_or_more(z)
+    np.testing.assert_allclose(calibration.softmax(two)[:, 1], 1 / (1 + np.exp(-z[:, 0])))
+    np.testing.assert_allclose(calibration.softmax(two / 2)[:, 1], 1 / (1 + np.exp(-z[:, 0] / 2)))

@@ -159,6 +159,11 @@ BAD_INPUT = [
     (["--job=predict"], "--inputs=: --job=predict needs images: files, folders or globs"),
     (["--job=predict", "--inputs=/no/such/*.png,/no/file.jpg"], "--inputs=/no/such/*.png,/no/file.jpg: no image file found"),
     (["--job=predict", "--inputs={file}", "--top_k=0"], "--top_k=0: must be positive"),
+    (["--job=predict", "--inputs={file}", "--min_confidence=1.5"], "--min_confidence=1.5: must be in [0, 1)"),
+    (["--target_accuracy=0"], "--target_accuracy=0.0: must be in (0, 1]"),
+    (["--unknown_dir=/no/such/folder"], "--unknown_dir=/no/such/folder: no such folder"),
+    (["--unknown_dir={empty}"], "--unknown_dir={empty}: holds no image file"),
+    (["--job=inspect", "--near_duplicate=-0.5"], "--near_duplicate=-0.5: must be in [0, 1)"),
     (["--job=evaluate", "--label_subset=0,2"], "--label_subset=0,2: the run in {run} has --label_subset=6,0,2"),
     (["--job=export", "--image_size=64"], "--image_size=64: the run in {run} has --image_size=32"),
     (["--job=predict", "--inputs={file}", "--backbone=resnet50"], "--backbone=resnet50: the run in {run} has --backbone=small_cnn"),
@@ -170,8 +175,11 @@ def stray_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stray")
     (folder / "plain_file").write_text("not a directory")
     (folder / "stray.flags").write_text("--epochs=1\nbatch_size 8\n")
+    (folder / "empty").mkdir()
+    (folder / "empty" / "notes.txt").write_text("no image here")
     long = os.path.join(str(folder), *["d" * 200] * 20)  # Each name allowed; the checkpoint paths below it not.
-    return {"file": str(folder / "plain_file"), "flagfile": str(folder / "stray.flags"), "long": long}
+    return {"file": str(folder / "plain_file"), "flagfile": str(folder / "stray.flags"), "long": long,
+            "empty": str(folder / "empty")}
 
 
 @pytest.mark.parametrize("bad, message", BAD_INPUT, ids=[" ".join(bad) for bad, _ in BAD_INPUT])

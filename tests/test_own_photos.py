@@ -104,8 +104,10 @@ def test_top_losses_name_files_only_where_the_names_are_exact(tiny, tmp_path, br
                   test_split="train", model_dir=str(tmp_path / "run"))
     run = assembly.build(config)
     os.makedirs(config.model_dir)
-    listed = write_top_losses(run, RunDir(config.model_dir), model=run.model, scored=run.splits["test"], step=0,
-                              title="untrained")
+    from transfer_engine.engine.confidence import logits_of
+
+    logits, labels = logits_of(run.model, run.splits["test"].dataset, batch_size=8)
+    listed = write_top_losses(run, RunDir(config.model_dir), logits=logits, labels=labels, step=0, title="untrained")
     assert len(listed) == 16
     if broken:
         assert all(isinstance(row["example"], int) for row in listed)

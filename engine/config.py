@@ -284,6 +284,12 @@ class Config:
         "is checked against the Keras model on the test split (export.json).",
         kind=list,
     )
+    max_class_drop: float = _option(
+        5.0,
+        "--job=export: warn about each class whose test accuracy with an artifact is more than this many "
+        "percentage points below the Keras model's (int8 quantization can break a few classes while overall "
+        "agreement stays high); 5 is one image of a 20-image class.",
+    )
     inputs: tuple = _option(
         (), "--job=predict: comma list of image files, folders (searched recursively) and globs.", kind=list
     )
@@ -326,7 +332,7 @@ FLAG_GROUPS = (
     ("Devices", "multi-gpu.md", ("strategy", "tpu", "cpu_replicas", "precision", "jit_compile", "fused_batchnorm")),
     ("Checkpoints and faults", "reliability.md", ("checkpoint_every", "keep_checkpoints", "loss_upper_bound")),
     ("Trust", "trust.md", ("near_duplicate", "min_confidence", "target_accuracy", "unknown_dir")),
-    ("Using a trained run", "using-a-trained-model.md", ("export_format", "inputs", "output", "top_k")),
+    ("Using a trained run", "using-a-trained-model.md", ("export_format", "max_class_drop", "inputs", "output", "top_k")),
 )
 
 
@@ -370,8 +376,8 @@ def flag_reference():
 # What a run's HParams row shows (engine/run_dir.py): the flags that describe what it trained and how, not
 # where files are or how it was scheduled.
 NOT_HPARAMS = ("job", "model_dir", "data_dir", "manual_dir", "cache", "cache_max_gb", "feature_cache_max_gb", "max_image_pixels", "steps_per_loop",
-               "tpu", "checkpoint_every", "keep_checkpoints", "export_format", "inputs", "output", "top_k",
-               "near_duplicate", "min_confidence", "target_accuracy", "unknown_dir")
+               "tpu", "checkpoint_every", "keep_checkpoints", "export_format", "max_class_drop", "inputs", "output",
+               "top_k", "near_duplicate", "min_confidence", "target_accuracy", "unknown_dir")
 
 
 def hparams(config):
@@ -561,6 +567,9 @@ def validate(config):
     unknown = [name for name in config.export_format if name not in EXPORT_FORMATS]
     if unknown or not config.export_format:
         raise ConfigError("export_format", config.export_format, f"each must be one of {', '.join(EXPORT_FORMATS)}")
+    if not config.max_class_drop >= 0:  # NaN too.
+        raise ConfigError("max_class_drop", config.max_class_drop,
+                          "must be 0 or more accuracy points, e.g. 5 (0: warn about any drop)")
     if config.top_k <= 0:
         raise ConfigError("top_k", config.top_k, "must be positive")
     if config.loss_upper_bound is not None and config.loss_upper_bound <= 0:

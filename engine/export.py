@@ -11,6 +11,10 @@ writes all three (`ExportArchive`, `Model.export(format="litert")` with TensorFl
 the LiteRT files are run here by the LiteRT interpreter (package ai-edge-litert), as a phone runs them,
 and carry TFLite metadata (labels) written with MediaPipe's writer, checked in MediaPipe Tasks'
 ImageClassifier when mediapipe is installed (the `.[mediapipe]` extra).
+
+The report also compares each class's accuracy with the artifact to the Keras model's: int8 quantization
+can break a few classes while overall agreement stays high (tensorflow/tensorflow#23352). A class that
+loses more than --max_class_drop points is named in a warning; the export still succeeds.
 """
 
 import os
@@ -31,6 +35,7 @@ CALIBRATION_IMAGES = 300
 # measured 2.18 on logits of about 5.
 FLOAT_TOLERANCE = 1e-4
 FILES = {"saved_model": "saved_model", "litert": "model.tflite", "litert_int8": "model_int8.tflite"}
+CLASSES_NAMED = 5  # A class-drop warning names the worst this many, then counts the rest.
 
 
 class ExportMismatch(RunError):
@@ -51,9 +56,12 @@ def export(config):
         WRITERS[name](model, path, config=config, source=source, class_names=class_names)
         artifacts[name] = path
         logging.info("Exported %s: %s (%s bytes)", name, path, f"{size_of(path):,}")
-    report = parity(model, artifacts, config=config, source=source)
+    report = parity(model, artifacts, config=config, source=source, class_names=class_names)
     run_dir.write_json("export.json", report)
     logging.info("Parity on %s (%d images):\n%s", config.test_split, report["test_examples"], format_table(report))
+    for row in report["artifacts"]:
+        if row["class_drops"]:
+            logging.warning("%s", drop_warning(row, config.max_class_drop))
     failed = [row for row in report["artifacts"] if row["within_rounding"] is False]
     if failed:
         row = failed[0]
@@ -211,9 +219,43 @@ def predicted_class(logits):
     return (logits[:, 0] > 0).astype(np.int64) if logits.shape[-1] == 1 else logits.argmax(-1)
 
 
-def parity(model, artifacts, *, config, source):
+def class_accuracy(predicted, labels, class_names):
+    """{class name: the share of its test images predicted as it}, in class order. A class without test
+    images is left out: it has no accuracy (not 0)."""
+    return {name: float(np.mean(predicted[labels == index] == index))
+            for index, name in enumerate(class_names) if np.any(labels == index)}
+
+
+def class_drops(keras_accuracy, accuracy, examples, max_drop):
+    """The classes whose accuracy with an artifact is more than `max_drop` points (percentage points)
+    below the Keras model's, worst first; a drop of exactly `max_drop` passes. `drop` is in the
+    accuracies' own unit (0.55, not 55)."""
+    drops = []
+    for name, reference in keras_accuracy.items():
+        drop = reference - accuracy[name]
+        # Accuracies are ratios of counts, so rounding settles a tie: 1 - 19/20 is 0.05000000000000004.
+        if round(100 * drop, 6) > max_drop:
+            drops.append({"class": name, "keras_accuracy": reference, "accuracy": accuracy[name],
+                          "drop": round(drop, 9), "examples": examples[name]})
+    return sorted(drops, key=lambda row: -row["drop"])
+
+
+def drop_warning(row, max_drop):
+    """One line: the classes an artifact's parity row lost more than `max_drop` points on, worst first."""
+    drops = row["class_drops"]
+    named = ", ".join(
+        f"{drop['class']} {drop['keras_accuracy']:.2f} -> {drop['accuracy']:.2f} "
+        f"({drop['examples']} image{'' if drop['examples'] == 1 else 's'})" for drop in drops[:CLASSES_NAMED])
+    more = f", and {len(drops) - CLASSES_NAMED} more" if len(drops) > CLASSES_NAMED else ""
+    count = "1 class loses" if len(drops) == 1 else f"{len(drops)} classes lose"
+    return (f"{row['format']}: {count} more than {max_drop:g} points against the Keras model: {named}{more}; "
+            "see export.json")
+
+
+def parity(model, artifacts, *, config, source, class_names):
     """Each artifact and the Keras model on every test image: accuracy, top-1 agreement with Keras and
-    the largest logit difference."""
+    the largest logit difference; and per class of `class_names`, accuracy and the classes that lost
+    more than --max_class_drop points."""
     split = source.split(config.test_split, "test_split")
     examples = pipeline.decoded(split, image_size=config.image_size, max_pixels=config.max_image_pixels).batch(config.batch_size)
     keras_logits = tf.function(lambda images: model(images, training=False))
@@ -231,11 +273,15 @@ def parity(model, artifacts, *, config, source):
             client_classes[name] += [clients[name][0](image) for image in images]
     labels, reference = np.concatenate(labels), np.concatenate(reference)
     keras_classes = predicted_class(reference)
+    keras_class_accuracy = class_accuracy(keras_classes, labels, class_names)
+    class_examples = {name: int(np.sum(labels == index)) for index, name in enumerate(class_names)
+                      if np.any(labels == index)}
     tolerance = FLOAT_TOLERANCE * max(1.0, float(np.abs(reference).max()))
     rows = []
     for name, path in artifacts.items():
         logits = np.concatenate(outputs[name])
         max_diff = float(np.abs(logits - reference).max())
+        accuracy = class_accuracy(predicted_class(logits), labels, class_names)
         rows.append({
             "format": name,
             "path": path,
@@ -245,6 +291,8 @@ def parity(model, artifacts, *, config, source):
             "max_logit_diff": max_diff,
             "tolerance": None if name == "litert_int8" else tolerance,
             "within_rounding": None if name == "litert_int8" else max_diff <= tolerance,
+            "class_accuracy": accuracy,
+            "class_drops": class_drops(keras_class_accuracy, accuracy, class_examples, config.max_class_drop),
         })
         if name in clients:
             rows[-1]["mediapipe_agreement"] = (float(np.mean(np.array(client_classes[name]) == keras_classes))
@@ -260,18 +308,22 @@ def parity(model, artifacts, *, config, source):
         "test_split": config.test_split,
         "test_examples": int(len(labels)),
         "keras_test_accuracy": float(np.mean(keras_classes == labels)),
+        "class_examples": class_examples,
+        "keras_class_accuracy": keras_class_accuracy,
+        "max_class_drop": config.max_class_drop,  # Accuracy points.
         "artifacts": rows,
     }
 
 
 def format_table(report):
-    header = "  artifact       bytes        test acc  (keras)  agreement  max logit diff  MediaPipe agreement"
+    header = "  artifact       bytes        test acc  (keras)  agreement  max logit diff  classes below  MediaPipe agreement"
     lines = [header]
     for row in report["artifacts"]:
         client = row.get("mediapipe_agreement")
         lines.append(
             f"  {row['format']:<13} {row['bytes']:>12,}  {row['test_accuracy']:.4f}    "
             f"{report['keras_test_accuracy']:.4f}   {row['agreement']:.4f}     {row['max_logit_diff']:<14.3g}  "
+            f"{len(row['class_drops']):<13}  "
             + (f"{client:.4f}" if client is not None else "-" if "mediapipe" not in row else "n/a: " + row["mediapipe"])
         )
     return "\n".join(lines)

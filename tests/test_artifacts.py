@@ -127,6 +127,16 @@ def test_export_writes_three_formats_and_a_parity_report(scratch_run):
         assert rows[name]["test_accuracy"] == report["keras_test_accuracy"]
     assert rows["litert_int8"]["agreement"] >= 0.9, rows["litert_int8"]
     assert rows["litert_int8"]["bytes"] <= 0.4 * rows["litert"]["bytes"]
+    # Per class, by the run's class names (each has test images here; JSON sorts them): the float files as Keras.
+    names = sorted(results["class_names"])
+    assert list(report["keras_class_accuracy"]) == list(report["class_examples"]) == names
+    assert sum(report["class_examples"].values()) == report["test_examples"]
+    for name, row in rows.items():
+        assert list(row["class_accuracy"]) == names, row
+        for drop in row["class_drops"]:
+            assert 100 * drop["drop"] > report["max_class_drop"] and drop["accuracy"] == row["class_accuracy"][drop["class"]]
+    for name in ("saved_model", "litert"):
+        assert rows[name]["class_accuracy"] == report["keras_class_accuracy"] and rows[name]["class_drops"] == []
     for row in rows.values():
         assert os.path.exists(row["path"]) and row["bytes"] > 0
     assert not [name for name in os.listdir(scratch_run) if name.startswith(".partial-")], "a temporary was left"
@@ -162,6 +172,47 @@ def test_export_fails_when_a_float_artifact_does_not_compute_what_was_trained(sc
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
     row = read_json(os.path.join(scratch_run, "export.json"))["artifacts"][0]
     assert row["within_rounding"] is False and row["max_logit_diff"] > row["tolerance"]
+
+
+@pytest.mark.slow
+def test_an_int8_file_that_loses_classes_is_a_warning_naming_them_and_the_export_succeeds(
+        pretrained_run, tmp_path, monkeypatch, caplog):
+    """The per-class check through --job=export: an int8 file planted to predict class 1 for every image
+    loses each other class the Keras model gets right; a warning names them, worst first, export.json has
+    them, and the export still exits 0."""
+    run = str(tmp_path / "run")
+    shutil.copytree(pretrained_run, run)
+    real_runner = export.runner
+
+    def collapsed_runner(name, path):
+        run_file = real_runner(name, path)
+
+        def run_collapsed(images):
+            logits = run_file(images)
+            logits[:, 1] = logits.max(-1) + 1.0
+            return logits
+
+        return run_collapsed
+
+    monkeypatch.setattr(export, "runner", collapsed_runner)
+    status, stderr = launch_in_process(f"--model_dir={run}", "--job=export", "--export_format=litert_int8",
+                                       "--max_class_drop=5")
+    assert status == 0, stderr
+    report = read_json(os.path.join(run, "export.json"))
+    (row,) = report["artifacts"]
+    names = read_json(os.path.join(run, "results.json"))["class_names"]
+    keras_accuracy = report["keras_class_accuracy"]
+    assert row["class_accuracy"] == {name: float(index == 1) for index, name in enumerate(names)}
+    lost = sorted((name for name in names[::2] if keras_accuracy[name] > 0.05), key=lambda name: -keras_accuracy[name])
+    assert lost, keras_accuracy  # The Keras model gets some images of class 0 or 2 right.
+    assert [drop["class"] for drop in row["class_drops"]] == lost
+    for drop in row["class_drops"]:
+        assert drop == {"class": drop["class"], "keras_accuracy": keras_accuracy[drop["class"]], "accuracy": 0.0,
+                        "drop": pytest.approx(keras_accuracy[drop["class"]], abs=1e-9),
+                        "examples": report["class_examples"][drop["class"]]}
+    warnings = [record.getMessage() for record in caplog.records if "against the Keras model" in record.getMessage()]
+    assert warnings == [export.drop_warning(row, 5.0)], warnings
+    assert warnings[0].startswith(f"litert_int8: {len(lost)} class")
 
 
 def write_images(folder):

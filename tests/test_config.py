@@ -77,6 +77,8 @@ def test_auto_split_flags_and_an_empty_label_subset_undo_a_flagfiles_values(tmp_
         ({"weights": "/no/such.weights.h5"}, "--weights=/no/such.weights.h5: no such file"),
         ({"deterministic": True, "jit_compile": "true"}, "--jit_compile=true: XLA has no deterministic"),
         ({"cpu_replicas": 2, "strategy": "one_device"}, "--cpu_replicas=2: needs --strategy"),
+        ({"max_class_drop": -1.0}, "--max_class_drop=-1.0: must be 0 or more accuracy points"),
+        ({"max_class_drop": float("nan")}, "--max_class_drop=nan: must be 0 or more accuracy points"),
     ],
 )
 def test_bad_values_name_the_flag_and_value(changes, message):

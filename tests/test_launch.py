@@ -156,6 +156,7 @@ BAD_INPUT = [
     (["--strategy=tpu"], "--strategy=tpu: no TPU found"),
     (["--job=export", "--export_format=saved_model,onnx"],
      "--export_format=saved_model,onnx: each must be one of saved_model, litert, litert_int8"),
+    (["--job=export", "--max_class_drop=-5"], "--max_class_drop=-5.0: must be 0 or more accuracy points"),
     (["--job=predict"], "--inputs=: --job=predict needs images: files, folders or globs"),
     (["--job=predict", "--inputs=/no/such/*.png,/no/file.jpg"], "--inputs=/no/such/*.png,/no/file.jpg: no image file found"),
     (["--job=predict", "--inputs={file}", "--top_k=0"], "--top_k=0: must be positive"),

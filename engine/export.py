@@ -6,7 +6,8 @@ the Keras model on the run's test split (the parity report, export.json).
     litert_int8   RUN/model_int8.tflite LiteRT full-integer, calibrated on CALIBRATION_IMAGES images of
                                         the train split; uint8 images at --image_size -> float logits
 
-Every artifact runs the model in inference mode (BatchNorm on its moving statistics, no dropout). Keras
+Every artifact returns the model's logits; export.json records the run's temperature (engine/confidence.py):
+calibrated probabilities are softmax(logits / temperature). Every artifact runs the model in inference mode (BatchNorm on its moving statistics, no dropout). Keras
 writes all three (`ExportArchive`, `Model.export(format="litert")` with TensorFlow's TFLite converter);
 the LiteRT files are run here by the LiteRT interpreter (package ai-edge-litert), as a phone runs them,
 and carry TFLite metadata (labels) written with MediaPipe's writer, checked in MediaPipe Tasks'
@@ -49,7 +50,8 @@ def export(config):
     model = load_model(run_dir)
     source = sources.open_source(config)
     config = sources.with_default_splits(config, source)  # A hand-written flags.txt may leave them open.
-    class_names = run_dir.read_json("results.json").get("class_names") or list(source.class_names)
+    results = run_dir.read_json("results.json")
+    class_names = results.get("class_names") or list(source.class_names)
     artifacts = {}
     for name in config.export_format:
         path = run_dir.file(FILES[name])
@@ -57,6 +59,9 @@ def export(config):
         artifacts[name] = path
         logging.info("Exported %s: %s (%s bytes)", name, path, f"{size_of(path):,}")
     report = parity(model, artifacts, config=config, source=source, class_names=class_names)
+    # The artifacts return logits, the Keras model's exactly (the parity above): calibrated probabilities
+    # are softmax(logits / temperature), as --job=predict computes them (engine/confidence.py).
+    report["temperature"] = (results.get("calibration") or {}).get("temperature", 1.0)
     run_dir.write_json("export.json", report)
     logging.info("Parity on %s (%d images):\n%s", config.test_split, report["test_examples"], format_table(report))
     for row in report["artifacts"]:

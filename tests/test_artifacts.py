@@ -120,6 +120,7 @@ def test_export_writes_three_formats_and_a_parity_report(scratch_run):
     results = read_json(os.path.join(scratch_run, "results.json"))
     assert report["test_examples"] == results["test_examples"]
     assert report["keras_test_accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-9)
+    assert report["temperature"] == results["calibration"]["temperature"] != 1.0
     rows = {row["format"]: row for row in report["artifacts"]}
     assert list(rows) == ["saved_model", "litert", "litert_int8"]
     for name in ("saved_model", "litert"):

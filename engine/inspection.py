@@ -27,20 +27,22 @@ def exact_duplicates(digests):
 
 
 def near_duplicates(features, threshold, *, block=2048):
-    """Pairs (a < b) whose features' cosine similarity is at least `threshold`, most similar first;
-    computed a block of rows at a time, so memory stays at block x N."""
+    """Pairs (a < b) whose features' cosine similarity is at least `threshold`, most similar first, as three
+    arrays (a, b, similarity): millions of pairs stay cheap. Computed a block of rows at a time, so memory
+    stays at block x N."""
     features = np.asarray(features, np.float32)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    unit = features / np.maximum(norms, 1e-12)
-    pairs = []
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    found = [], [], []
     for start in range(0, len(unit), block):
         similarity = unit[start:start + block] @ unit.T
         rows, columns = np.nonzero(similarity >= threshold)
-        rows = rows + start
-        keep = columns > rows
-        pairs += [Pair(int(a), int(b), float(similarity[a - start, b]))
-                  for a, b in zip(rows[keep], columns[keep])]
-    return sorted(pairs, key=lambda pair: -pair.similarity)
+        keep = columns > rows + start
+        rows, columns = rows[keep], columns[keep]
+        for part, values in zip(found, (rows + start, columns, similarity[rows, columns])):
+            part.append(values)
+    a, b, similarity = (np.concatenate(part) if part else np.zeros(0) for part in found)
+    order = np.argsort(-similarity, kind="stable")
+    return a[order].astype(np.int64), b[order].astype(np.int64), similarity[order].astype(np.float64)
 
 
 def out_of_fold_probabilities(features, labels, num_classes, *, folds=5, seed=0, l2=1e-3, steps=300,
@@ -77,16 +79,18 @@ class Suspect:
     index: int
     label: int
     suggested: int
-    score: float  # The most likely other class's probability minus the given label's: > 0 contradicts it.
+    # ln(P(suggested) / P(label)): > 0 when the features favour another class, by how much (probabilities
+    # near 0 and 1 keep their order here, where their difference would tie at 1.00).
+    score: float
 
 
 def suspect_labels(probabilities, labels):
     """Every example ranked by how strongly its out-of-fold probabilities contradict its label, most
     suspect first."""
-    probabilities = np.asarray(probabilities)
+    log_p = np.log(np.maximum(np.asarray(probabilities, np.float64), 1e-300))
     labels = np.asarray(labels)
-    given = probabilities[np.arange(len(labels)), labels]
-    others = probabilities.copy()
+    given = log_p[np.arange(len(labels)), labels]
+    others = log_p.copy()
     others[np.arange(len(labels)), labels] = -np.inf
     suggested = others.argmax(1)
     scores = others.max(1) - given

@@ -7,7 +7,7 @@ import time
 
 from absl import logging
 
-from transfer_engine.engine import assembly, confidence, confusion, feature_cache, loop, top_losses
+from transfer_engine.engine import assembly, confidence, confusion, feature_cache, inspect, loop, top_losses
 from transfer_engine.engine import config as config_lib
 from transfer_engine.engine.optimizer import use_averaged_weights
 from transfer_engine.engine.run_dir import RunDir, replace_atomic
@@ -57,6 +57,7 @@ def _train(config, run, run_dir, started, progress_label):
                      ", stopping early" if finished.get("stopped_early") else "", run_dir.file("results.json"))
         return finished
     run_dir.start(config, run.source)
+    inspect.warn_if_duplicated(run_dir, config, run.source)
     splits, features = run.splits, None
     why_not = feature_cache.reason_not_to_cache(config)
     if why_not is None:

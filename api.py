@@ -92,6 +92,11 @@ def lr_find(**flags):
     return _run("lr_find", flags)
 
 
+def inspect(**flags):
+    """Duplicates and suspect labels in the data of `flags`; returns what inspect.json holds."""
+    return _run("inspect", flags)
+
+
 def benchmark(**flags):
     """Throughput per mode against Keras' fit; returns what benchmark.json holds."""
     return _run("benchmark", flags)

@@ -50,7 +50,8 @@ class Config:
         "What to run: train, evaluate, export or predict with a run; benchmark throughput; compare trains "
         "every mode (scratch, frozen, finetune, and staged with --head_epochs) into model_dir/<mode>/, "
         "--mode unused; lr_find sweeps the learning rate (lr_find.json, lr_find.png), training nothing it "
-        "keeps. export and predict read the run's flags.txt: they need only --model_dir.",
+        "keeps; inspect finds duplicates and suspect labels in the data (duplicates.csv, suspect_labels.csv, "
+        "inspect.png). export and predict read the run's flags.txt: they need only --model_dir.",
         choices=JOBS,
     )
     model_dir: str = _option(None, "Run directory: checkpoints, logs, metrics, results.", kind=str)

@@ -8,6 +8,7 @@ the run's own, completed from its flags.txt: engine/config.py).
     benchmark  engine/benchmark.py  throughput per mode against Keras' fit
     compare    engine/compare.py    every mode with the same flags, side by side
     lr_find    engine/lr_find.py    a learning-rate range test: lr_find.json and lr_find.png
+    inspect    engine/inspect.py    duplicates and suspect labels in the data, before training
 """
 
 import os

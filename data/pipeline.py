@@ -158,9 +158,11 @@ def prepare(split, *, image_size, cache="memory", worker=Worker(), deterministic
     dataset = split.source.read(split.name)
     if worker.count > 1:
         dataset = dataset.shard(worker.count, worker.index)
+    # In the split's order whatever --deterministic says: example i is the split's file i (top_losses.png and
+    # --job=inspect name examples by position), and the cache keeps that order.
     dataset = dataset.map(
         lambda image, label: (decode(image, image_size=image_size, channels=channels, max_pixels=max_pixels), label),
-        num_parallel_calls=AUTOTUNE,
+        num_parallel_calls=AUTOTUNE, deterministic=True,
     ).ignore_errors()
     if cache == "memory":
         dataset = dataset.cache()

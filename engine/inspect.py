@@ -100,7 +100,7 @@ def inspect(config):
         "splits": {name: _split(run, name) for name, examples in run.splits.items() if examples},
         "examples": len(rows), "near_duplicate": threshold,
         "near_duplicate_from": "--near_duplicate" if config.near_duplicate else
-        f"the {COPY_PERCENTILE}th percentile of {min(CHANGED_COPIES, len(rows))} images' similarity to a changed copy",
+        f"the {COPY_PERCENTILE}th percentile of {min(CHANGED_COPIES, len(rows))} images' similarity to a JPEG re-saved copy",
         "exact_pairs": len(exact), "duplicate_pairs": len(exact) + len(a), "listed_pairs": len(pairs), "cross_split_pairs": sum(across.values()), "cross_split": across,
         "suspects_contradicting": sum(s.score > 0 for s in suspects),
     }

@@ -775,3 +775,27 @@ def test_splits_over_the_image_cache_budget_are_decoded_every_epoch_with_the_sam
     timing = ("images_per_sec", "wall_seconds")
     assert [{k: v for k, v in r.items() if k not in timing} for r in results[1:]] == [
         {k: v for k, v in results[0].items() if k not in timing}]
+
+
+def test_a_split_reads_in_its_own_order_without_deterministic(tmp_path):
+    """Example i of a split is the split's file i (top_losses.png and --job=inspect name files by position)
+    even when --deterministic is off: the decode runs in parallel but must not reorder. Large and small
+    images alternate, so a reordering map would finish the small ones first."""
+    from helpers import tiny_config
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for index in range(24):
+            size = 1200 if index % 3 == 0 else 8
+            value = (index * 10 + (label == "b")) % 256
+            pixels = np.full((size, size, 3), value, np.uint8)
+            (tmp_path / label / f"{index:02d}.png").write_bytes(tf.io.encode_png(pixels).numpy())
+    config = tiny_config(dataset=f"folder:{tmp_path}", label_subset=(), train_split="train", eval_split="",
+                         test_split="", deterministic=False)
+    source = sources.open_source(config)
+    split = source.split("train", "train_split")
+    examples = pipeline.prepare(split, image_size=8, deterministic=False)
+    for index, (image, _) in enumerate(examples.dataset.as_numpy_iterator()):
+        with open(source.example_name("train", index), "rb") as f:
+            expected = tf.io.decode_png(f.read()).numpy()[0, 0, 0]
+        assert image[0, 0, 0] == expected, index

@@ -214,6 +214,13 @@ def test_an_int8_file_that_loses_classes_is_a_warning_naming_them_and_the_export
     warnings = [record.getMessage() for record in caplog.records if "against the Keras model" in record.getMessage()]
     assert warnings == [export.drop_warning(row, 5.0)], warnings
     assert warnings[0].startswith(f"litert_int8: {len(lost)} class")
+    # --max_class_drop is the export's: at 100 points no loss is more than it.
+    status, stderr = launch_in_process(f"--model_dir={run}", "--job=export", "--export_format=litert_int8",
+                                       "--max_class_drop=100")
+    assert status == 0, stderr
+    report = read_json(os.path.join(run, "export.json"))
+    assert report["max_class_drop"] == 100 and report["artifacts"][0]["class_drops"] == []
+    assert report["artifacts"][0]["class_accuracy"] == row["class_accuracy"]  # As collapsed as before.
 
 
 def write_images(folder):
@@ -265,7 +272,9 @@ def test_predict_writes_one_row_per_readable_image_with_the_models_top_classes(d
     assert [os.path.relpath(row[0], folder) for row in rows[1:]] == readable
 
     model = keras.saving.load_model(os.path.join(run, "model.keras"))
-    names = read_json(os.path.join(run, "results.json"))["class_names"]
+    results = read_json(os.path.join(run, "results.json"))
+    names, temperature = results["class_names"], results["calibration"]["temperature"]
+    assert temperature != 1.0  # Predict's probabilities are the calibrated ones: softmax(logits / temperature).
     for row in rows[1:]:
         image = tf.io.decode_image(open(row[0], "rb").read(), expand_animations=False).numpy()
         image = image[..., :3] if image.shape[-1] == 4 else image
@@ -274,7 +283,7 @@ def test_predict_writes_one_row_per_readable_image_with_the_models_top_classes(d
         logits = model.predict(image[None], verbose=0)
         if tta:  # The mean with the mirror image's logits.
             logits = (logits + model.predict(image[None, :, ::-1], verbose=0)) / 2
-        probabilities = keras.ops.softmax(logits).numpy()[0]
+        probabilities = keras.ops.softmax(logits / temperature).numpy()[0]
         best, second = np.argsort(-probabilities)[:2]
         assert row[1] == names[best] and row[3] == names[second], row
         assert float(row[2]) == pytest.approx(probabilities[best], abs=1e-5)

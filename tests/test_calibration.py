@@ -2,6 +2,7 @@
 the risk-coverage curve's threshold for a target accuracy."""
 
 import numpy as np
+import pytest
 
 from transfer_engine.engine import calibration
 
@@ -58,3 +59,35 @@ def test_a_sigmoid_models_logit_calibrates_as_two_softmax_logits():
     two = confidence.two_or_more(z)
     np.testing.assert_allclose(calibration.softmax(two)[:, 1], 1 / (1 + np.exp(-z[:, 0])))
     np.testing.assert_allclose(calibration.softmax(two / 2)[:, 1], 1 / (1 + np.exp(-z[:, 0] / 2)))
+
+
+def test_calibration_error_bins_and_ties_at_their_edges():
+    # Confidences 0.9 and 0.99 fall in different bins of 15: (|0.9 - 1| + |0.99 - 0|) / 2.
+    assert calibration.expected_calibration_error([[.9, .1], [.99, .01]], [0, 1]) == pytest.approx(0.545)
+    # Equal confidences are accepted together: one point of the curve for both.
+    curve = calibration.risk_coverage([[.9, .1], [.9, .1], [.6, .4]], [0, 1, 0])
+    np.testing.assert_allclose(curve.thresholds, [.9, .6])
+    np.testing.assert_allclose(curve.coverage, [2 / 3, 1])
+    np.testing.assert_allclose(curve.accuracy, [.5, 2 / 3])
+    five = calibration.risk_coverage(np.array([[.9, .1], [.8, .2], [.7, .3], [.6, .4], [.55, .45]]), [0] * 5)
+    assert five.sampled(6)["coverage"] == [0.2, 0.4, 0.6, 0.8, 1.0]  # A point exactly at each wanted coverage.
+
+
+def test_the_temperature_comes_from_the_eval_split_alone():
+    """measure() fits on eval and only measures test: test logits four times less sure change nothing."""
+    from transfer_engine.engine import confidence
+
+    rng = np.random.default_rng(2)
+    logits, labels = _calibrated_logits(rng)
+    report = confidence.measure(eval_logits=logits * 4, eval_labels=labels, test_logits=logits, test_labels=labels)
+    assert abs(report["temperature"] - 4.0) < 0.3
+    assert report["test"]["ece_after"] > report["test"]["ece_before"]  # Test was calibrated already: T hurts it.
+    assert report["threshold"] is None and "unknown" not in report
+
+
+def test_unknown_is_below_min_confidence_not_at_it():
+    from transfer_engine.engine.predict import answer
+
+    assert answer(["a", "b"], [0.5, 0.5], 0.5) == "a"
+    assert answer(["a", "b"], [0.4999, 0.5001], 0.5) == "unknown"
+    assert answer(["a", "b"], [0.2, 0.1], 0.0) == "a"  # 0: never unknown.

@@ -58,6 +58,12 @@ def test_auto_split_flags_and_an_empty_label_subset_undo_a_flagfiles_values(tmp_
     assert undone == parse("--model_dir=/tmp/x", "--backbone=small_cnn"), "auto must mean not given"
 
 
+def test_the_trust_flags_take_their_whole_ranges():
+    """The edges that mean something: any drop warned of, an accuracy of 1 asked for, no threshold."""
+    for changes in ({"max_class_drop": 0.0}, {"target_accuracy": 1.0}, {"min_confidence": 0.0, "near_duplicate": 0.0}):
+        validate(dataclasses.replace(Config(model_dir="/tmp/x", backbone="small_cnn"), **changes))
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -79,6 +85,9 @@ def test_auto_split_flags_and_an_empty_label_subset_undo_a_flagfiles_values(tmp_
         ({"cpu_replicas": 2, "strategy": "one_device"}, "--cpu_replicas=2: needs --strategy"),
         ({"max_class_drop": -1.0}, "--max_class_drop=-1.0: must be 0 or more accuracy points"),
         ({"max_class_drop": float("nan")}, "--max_class_drop=nan: must be 0 or more accuracy points"),
+        ({"min_confidence": 1.0}, "--min_confidence=1.0: must be in [0, 1)"),
+        ({"near_duplicate": 1.0}, "--near_duplicate=1.0: must be in [0, 1)"),
+        ({"target_accuracy": 1.01}, "--target_accuracy=1.01: must be in (0, 1]"),
     ],
 )
 def test_bad_values_name_the_flag_and_value(changes, message):

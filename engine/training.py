@@ -2,6 +2,7 @@
 leaves (model.keras, backbone.weights.h5, results.json) in `--model_dir`."""
 
 import contextlib
+import math
 import os
 import time
 
@@ -233,7 +234,7 @@ def measure_confidence(run, run_dir, *, model, splits, step, title):
                                for name, row in kept.items()) + (
                          f"; rejects {report['unknown']['rejected']:.1%} of --unknown_dir's "
                          f"{report['unknown']['images']} images" if "unknown" in report else "") +
-                     f"; give it to predict as --min_confidence={report['threshold']:.4f}")
+                     f"; give it to predict as --min_confidence={math.floor(report['threshold'] * 1e4) / 1e4:.4f}")
     return report, *logits["test"]
 
 

@@ -103,7 +103,7 @@ def test_the_readme_python_example_runs_as_written(tmp_path):
     accuracy, predicted, refused = done.stdout.strip().splitlines()
     results = json.loads((tmp_path / "runs" / "api_frozen" / "results.json").read_text())
     assert accuracy == f"test accuracy {results['test_accuracy']:.4f}" and results["epochs_completed"] == 3
-    assert predicted.startswith("[{'classes': [") and refused == "--epochs=0: must be positive"
+    assert predicted.startswith("[{'answer': '") and refused == "--epochs=0: must be positive"
     assert " INFO Done: test accuracy " in done.stderr  # The command's log lines, from the API too.
 
 

@@ -178,6 +178,16 @@ def scale_learning_rates(optimizer, variables, multipliers):
     optimizer._apply_weight_decay = scaled_apply_weight_decay
 
 
+# --- Keras optimizer: the moving average --ema keeps of a variable ---------------------------------
+# Relies on: `_model_variables_moving_average`, the averages a Keras 3 optimizer with use_ema builds, in
+# the order of `_get_variable_index` (no public accessor; `finalize_variable_values` only overwrites).
+
+
+def moving_average(optimizer, variable):
+    """The moving average that `optimizer` (built with use_ema) keeps of `variable`."""
+    return optimizer._model_variables_moving_average[optimizer._get_variable_index(variable)]
+
+
 # --- Keras BatchNormalization: the fused kernel in training mode -----------------------------------
 # Relies on: `Layer.__call__` dispatching to the instance's `call` attribute, and BatchNormalization's
 # attributes (moving_mean, moving_variance, gamma, beta, momentum, epsilon, axis, center, scale,

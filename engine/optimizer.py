@@ -79,8 +79,7 @@ def _averages(optimizer, variables):
     inner = getattr(optimizer, "inner_optimizer", optimizer)  # Inside a LossScaleOptimizer.
     if inner is None or not inner.use_ema:
         return []
-    return [(variable, inner._model_variables_moving_average[inner._get_variable_index(variable)])
-            for variable in variables]
+    return [(variable, internals.moving_average(inner, variable)) for variable in variables]
 
 
 @contextlib.contextmanager

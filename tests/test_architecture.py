@@ -115,3 +115,71 @@ def test_dependencies_point_one_way():
     assert graph["internals"] == {"errors"}
     below_jobs = [name for name in graph if name not in ("launch", "engine.jobs")]
     assert [name for name in below_jobs if "engine.jobs" in graph[name]] == []
+
+
+# Library internals have one door, internals.py (startup.py for absl's flag-file hook, before TensorFlow).
+INTERNALS_DOORS = ("internals", "startup")
+PRIVATE_MODULES = ("keras.src", "tensorflow.python", "tf.python", "absl.flags._")
+
+
+def private_uses(path, own_names):
+    """(line, what) of each use in the file at `path` of a library's internals: an import or attribute path
+    through `keras.src` or `tensorflow.python`, or `x._name` where this project defines no `_name` (so
+    it is a library object's private attribute, not one of the project's own)."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Attribute):
+            names = [ast.unparse(node)]
+            if node.attr.startswith("_") and not node.attr.startswith("__") and node.attr not in own_names:
+                found.append((node.lineno, names[0]))
+        else:
+            continue
+        found.extend((node.lineno, name) for name in names if name.startswith(PRIVATE_MODULES))
+    return sorted(set(found))
+
+
+def own_private_names(paths):
+    """Every `_name` the project defines: functions, classes, methods, assigned attributes and names."""
+    names = set()
+    for path in paths:
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+    return {name for name in names if name.startswith("_")}
+
+
+def test_the_private_use_reader_finds_every_form(tmp_path):
+    source = tmp_path / "sample.py"
+    source.write_text(
+        "import keras\nfrom keras.src import ops\nimport tensorflow.python.util\nfrom tensorflow.python import x\n"
+        "def f(optimizer, self):\n    self._mine = optimizer._iterations\n    return keras.src.backend, self._mine, "
+        "optimizer.__class__\n"
+    )
+    assert [what for _, what in private_uses(str(source), {"_mine"})] == [
+        "keras.src", "keras.src.ops", "tensorflow.python.util", "tensorflow.python", "tensorflow.python.x",
+        "optimizer._iterations", "keras.src", "keras.src.backend"]
+
+
+def test_library_internals_are_used_in_internals_py_only():
+    """The rule of internals.py: a Keras, TensorFlow or absl upgrade that moves a private name breaks one
+    file, which names the versions it was checked against."""
+    paths = list(project_modules().values()) + [
+        os.path.join(ROOT, name) for name in ("api.py", "__init__.py", "transfer_engine.py", "startup.py")
+    ] + [os.path.join(ROOT, "scripts", name) for name in sorted(os.listdir(os.path.join(ROOT, "scripts")))
+         if name.endswith(".py")]
+    own = own_private_names(paths)
+    outside = {os.path.relpath(path, ROOT): private_uses(path, own) for path in paths
+               if os.path.splitext(os.path.basename(path))[0] not in INTERNALS_DOORS}
+    assert {path: uses for path, uses in outside.items() if uses} == {}

@@ -30,6 +30,9 @@ from transfer_engine.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError
 
 
 CHECKPOINT_INDEX = re.compile(r"ckpt-(\d+)\.index")
+# Tests only: a step N makes the process stop itself (SIGSTOP) once, right after writing its first checkpoint at
+# step N or later, so that a test signals, kills or outruns it at a known step whatever the machine's speed.
+STOP_AFTER_CHECKPOINT = "TRANSFER_ENGINE_STOP_AFTER_CHECKPOINT"
 
 
 def damage(path):
@@ -139,7 +142,13 @@ class Checkpoints:
         return os.path.dirname(self.directory)
 
     def save(self):
-        return self.writer.save(checkpoint_number=int(self.step.numpy()))
+        step = int(self.step.numpy())
+        path = self.writer.save(checkpoint_number=step)
+        cue = os.environ.get(STOP_AFTER_CHECKPOINT)
+        if cue and step >= int(cue):
+            del os.environ[STOP_AFTER_CHECKPOINT]  # Once.
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return path
 
     @property
     def best(self):

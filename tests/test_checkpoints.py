@@ -10,9 +10,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import keras
 import numpy as np
@@ -20,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 from transfer_engine.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED
-from helpers import ROOT, launch, tiny_config, tiny_flags, train_run
+from helpers import launch, output, shared, stopped_after_checkpoint, tiny_config, tiny_flags, train_run
 
 pytestmark = pytest.mark.slow  # Every test here runs whole trainings, most in subprocesses.
 
@@ -28,10 +25,10 @@ TIMING = ("images_per_sec", "seconds", "wall_seconds")
 
 
 def resumable(data_dir, model_dir, **overrides):
-    """A run long enough to interrupt: 2 epochs of 225 single-step calls, a checkpoint every 20 steps."""
+    """A run to interrupt: 2 epochs of 30 single-step calls, a checkpoint every 5 steps."""
     values = dict(
-        data_dir=data_dir, model_dir=str(model_dir), train_split="train[:20%]", batch_size=16,
-        image_size=48, epochs=2, steps_per_loop=1, checkpoint_every=20, dropout=0.3, augment="flip",
+        data_dir=data_dir, model_dir=str(model_dir), train_split="train[:3%]", steps_per_epoch=30, batch_size=16,
+        image_size=48, epochs=2, steps_per_loop=1, checkpoint_every=5, dropout=0.3, augment="flip",
     )
     values.update(overrides)
     return tiny_flags(tiny_config(**values))
@@ -54,10 +51,12 @@ def weights(model_dir):
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = launch(*resumable(data_dir, model_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return str(model_dir)
+    """The uninterrupted run, made once per session (a test that changes it copies it first)."""
+    def make(path):
+        result = launch(*resumable(data_dir, os.path.join(path, "run")))
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return os.path.join(shared(tmp_path_factory, "checkpoints_reference", make), "run")
 
 
 def _checkpoint_steps(model_dir):
@@ -68,26 +67,15 @@ def _checkpoint_steps(model_dir):
         return [int(step) for step in re.findall(r'all_model_checkpoint_paths: ".*ckpt-(\d+)"', f.read())]
 
 
-def _interrupt(args, model_dir, sig, after_step, *, before_step=None):
-    """Starts launch.py and sends it `sig` once its newest checkpoint is past `after_step` (and before
-    `before_step`); returns (the process, that checkpoint's step). Each look at the checkpoints is taken with
-    the run stopped (SIGSTOP), and the signal is sent before it continues: the state is known, whatever the
-    machine's speed."""
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while True:
-        assert process.poll() is None and time.time() < deadline, "the run ended before the signal"
-        if any(step > after_step for step in _checkpoint_steps(model_dir)):
-            process.send_signal(signal.SIGSTOP)
-            newest = max(_checkpoint_steps(model_dir))
-            assert before_step is None or newest < before_step, f"the run passed step {before_step} unseen"
-            process.send_signal(sig)
-            process.send_signal(signal.SIGCONT)
-            break
-        time.sleep(0.02)
+def _interrupt(args, model_dir, sig, at_step):
+    """Starts launch.py, which stops itself right after its checkpoint at `at_step` (the test cue of
+    engine/checkpoints.py), sends it `sig`, lets it go on and waits for it: the state the signal finds is
+    known, whatever the machine's speed. Returns the process (`output(process)`: what it printed)."""
+    process = stopped_after_checkpoint(args, at_step, f"{model_dir}.log")
+    process.send_signal(sig)
+    process.send_signal(signal.SIGCONT)
     process.wait(timeout=300)
-    return process, newest
+    return process
 
 
 def assert_same_run(model_dir, reference):
@@ -102,7 +90,8 @@ def assert_same_run(model_dir, reference):
 def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_results(data_dir, reference, tmp_path):
     model_dir = str(tmp_path / "killed")
     args = resumable(data_dir, model_dir)
-    killed, step = _interrupt(args, model_dir, signal.SIGKILL, after_step=60, before_step=225)  # Mid-epoch 1.
+    step = 10  # Mid-epoch 1.
+    killed = _interrupt(args, model_dir, signal.SIGKILL, step)
     assert killed.returncode == -signal.SIGKILL
     assert max(_checkpoint_steps(model_dir)) == step and not os.path.exists(os.path.join(model_dir, "results.json"))
 
@@ -121,14 +110,15 @@ def test_sigterm_and_ctrl_c_checkpoint_exit_in_one_line_and_the_rerun_finishes_t
 ):
     model_dir = str(tmp_path / "stopped")
     args = resumable(data_dir, model_dir)
-    stopped, periodic = _interrupt(args, model_dir, sig, after_step=40, before_step=400)
-    stderr = stopped.stderr.read()
+    periodic = 10
+    stopped = _interrupt(args, model_dir, sig, periodic)
+    stderr = output(stopped)
     assert stopped.returncode == status, stderr[-3000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     saved = re.search(rf"{word}: saved (\S+) at step (\d+); rerun the same command", stderr)
     assert saved, stderr[-3000:]
     # The step the signal found (at or after the periodic checkpoint, whether or not it is one of them).
-    assert saved.group(1).endswith(f"ckpt-{saved.group(2)}") and periodic <= int(saved.group(2)) < 450
+    assert saved.group(1).endswith(f"ckpt-{saved.group(2)}") and periodic <= int(saved.group(2)) < 60
 
     resumed = launch(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -153,12 +143,12 @@ def test_a_half_written_checkpoint_is_never_the_one_resumed(data_dir, reference,
 
 
 def _killed_mid_run(data_dir, tmp_path, name):
-    """A run SIGKILLed after its checkpoint past step 60: (args, model_dir, the steps of the checkpoint files
+    """A run SIGKILLed after its checkpoint at step 20: (args, model_dir, the steps of the checkpoint files
     present, newest first). From the files, not the state file: a kill between TensorFlow's writing a
     checkpoint and its updating (or sweeping) the state file leaves one more or one less listed there."""
     model_dir = str(tmp_path / name)
     args = resumable(data_dir, model_dir)
-    assert _interrupt(args, model_dir, signal.SIGKILL, after_step=60)[0].returncode == -signal.SIGKILL
+    assert _interrupt(args, model_dir, signal.SIGKILL, 20).returncode == -signal.SIGKILL
     files = os.listdir(os.path.join(model_dir, "checkpoints"))
     return args, model_dir, sorted((int(m) for m in re.findall(r"ckpt-(\d+)\.index", " ".join(files))), reverse=True)
 

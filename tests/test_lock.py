@@ -12,7 +12,7 @@ import pytest
 
 from transfer_engine.engine.run_dir import LOCK, RunDir
 from transfer_engine.errors import ConfigError
-from helpers import ROOT, launch, tiny_config, tiny_flags
+from helpers import ROOT, launch, stopped_after_checkpoint, tiny_config, tiny_flags
 
 
 def test_a_held_directory_is_refused_naming_the_holder_and_released_after(tmp_path):
@@ -52,15 +52,10 @@ def test_a_lock_file_of_another_shape_is_taken_over_as_stale(tmp_path, caplog, t
 @pytest.mark.slow
 def test_a_second_run_on_a_training_directory_exits_2_and_a_killed_runs_lock_is_taken_over(data_dir, tmp_path):
     model_dir = str(tmp_path / "run")
-    args = tiny_flags(tiny_config(data_dir=data_dir, model_dir=model_dir, train_split="train[:20%]", epochs=3,
-                                  steps_per_loop=1, checkpoint_every=20))
-    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not os.path.exists(os.path.join(model_dir, "checkpoints", "checkpoint")):
-        assert first.poll() is None and time.time() < deadline, "the first run ended too soon"
-        time.sleep(0.05)
-    first.send_signal(signal.SIGSTOP)  # Still holding the lock, whatever the machine's speed (it was a race).
+    args = tiny_flags(tiny_config(data_dir=data_dir, model_dir=model_dir, epochs=2, steps_per_loop=1,
+                                  checkpoint_every=2))
+    # Still training and holding the lock, whatever the machine's speed: it stops itself after checkpoint 2.
+    first = stopped_after_checkpoint(args, 2, tmp_path / "first.log")
     second = launch(*args)
     assert first.poll() is None
     assert second.returncode == 2, second.stderr[-3000:]

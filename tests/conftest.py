@@ -1,7 +1,11 @@
-"""Shared test set-up: two logical CPU devices, one prepared Fashion-MNIST, tiny configs, launch.py.
+"""Shared test set-up: two logical CPU devices, one prepared Fashion-MNIST, tiny configs, launch.py, and
+runs trained once per session for the tests that only read them.
 
 Tests are fast by construction: small_cnn at 32 px, a few steps, small splits. Multi-replica semantics
-run on two logical CPU devices (what `--cpu_replicas=2` does in launch.py).
+run on two logical CPU devices (what `--cpu_replicas=2` does in launch.py). Under pytest-xdist (setup.cfg
+runs a worker per core), each worker and the processes it starts get their share of the cores, the slow
+tests start first (so that no long one is left to run alone at the end), and what a session fixture makes
+(the prepared data, the shared runs) is made once for every worker.
 """
 
 import os
@@ -11,34 +15,73 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from transfer_engine import internals  # noqa: E402,F401  First: TensorFlow's process defaults, as launch.py runs with them.
-import keras  # noqa: E402
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:  # Before TensorFlow loads; the processes tests start inherit it.
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 
-from transfer_engine.engine import distribute  # noqa: E402
-from helpers import tiny_config  # noqa: E402
 
-distribute.split_cpu(2)  # Before TensorFlow initialises its devices.
+def pytest_configure(config):
+    """TensorFlow as launch.py sets it up, and two logical CPU devices, in each process that runs tests
+    (not in pytest-xdist's controller, which only hands them out)."""
+    if hasattr(config, "workerinput") or config.getoption("dist", "no") == "no":
+        from transfer_engine import internals  # noqa: F401  First: TensorFlow's process defaults, as launch.py runs with them.
+        from transfer_engine.engine import distribute
+
+        distribute.split_cpu(2)  # Before TensorFlow initialises its devices.
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first (a stable sort: otherwise in file order)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def _escaped(value):
+    """`value` with every string encodable as UTF-8 (undecodable file names become backslash escapes)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {key: _escaped(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_escaped(item) for item in value)
+    return value
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (setup.cfg): a worker per core, up to 4 (each holds a TensorFlow of its own)."""
+    return min(os.cpu_count() or 1, 4)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_report_to_serializable(config, report):
+    """What an xdist worker sends of a report: pytest's own serialisation, made safe for execnet, which
+    refuses strings that are not UTF-8 (a test's log may name a file whose name is not)."""
+    if isinstance(report, (pytest.TestReport, pytest.CollectReport)):
+        return {**_escaped(report._to_json()), "$report_type": type(report).__name__}
+    return None
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A TFDS data dir with Fashion-MNIST prepared from the offline IDX files (once per session)."""
     from transfer_engine.data import sources
+    from helpers import shared, tiny_config
 
-    path = str(tmp_path_factory.mktemp("tfds"))
-    sources.open_source(tiny_config(data_dir=path))
-    return path
+    return shared(tmp_path_factory, "tfds", lambda path: sources.open_source(tiny_config(data_dir=path)))
 
 
 @pytest.fixture
 def tiny(data_dir):
     """Factory of tiny configs bound to the session's data dir."""
+    from helpers import tiny_config
+
     return lambda **overrides: tiny_config(**{"data_dir": data_dir, **overrides})
 
 
 @pytest.fixture(autouse=True)
 def float32_policy():
     """Each test starts (and leaves) Keras in float32, whatever it set."""
+    import keras
+
     keras.mixed_precision.set_global_policy("float32")
     yield
     keras.mixed_precision.set_global_policy("float32")
@@ -48,9 +91,7 @@ def float32_policy():
 def pretrained_run(data_dir, tmp_path_factory):
     """A finished tiny scratch run: its dir and backbone.weights.h5 stand in for pretrained weights
     (trained, so BatchNorm statistics are not their initial 0 and 1)."""
-    from helpers import train_run
+    from helpers import shared, tiny_config, train_run
 
-    model_dir = tmp_path_factory.mktemp("pretrained")
     config = tiny_config(data_dir=data_dir, train_split="train[:3%]", epochs=1)
-    train_run(config, model_dir)
-    return str(model_dir)
+    return shared(tmp_path_factory, "pretrained", lambda path: train_run(config, path))

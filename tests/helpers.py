@@ -2,12 +2,15 @@
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import tensorflow as tf
 
@@ -39,6 +42,23 @@ def tiny_config(**overrides):
     return validate(Config(**values))
 
 
+def shared(tmp_path_factory, name, make):
+    """A directory `make(path)` fills once per test session, whichever xdist worker asks first (the
+    other waits for it): for what tests only read. A test that changes it copies it first."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # The session's, above each worker's own.
+    path = root / "shared" / name
+    path.parent.mkdir(exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(f"{path}.made"):
+            shutil.rmtree(path, ignore_errors=True)
+            make(str(path))
+            open(f"{path}.made", "w").close()
+    return str(path)
+
+
 def launch(*args, env=None, timeout=600):
     """Runs launch.py in a subprocess; returns the CompletedProcess (text output). `env` adds
     variables to this process's environment; a None value removes one."""
@@ -47,6 +67,39 @@ def launch(*args, env=None, timeout=600):
         [sys.executable, os.path.join(ROOT, "launch.py"), *args],
         cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def stopped_after_checkpoint(args, step, log, timeout=600):
+    """Starts launch.py `args` with engine/checkpoints.py's test cue: it stops itself (SIGSTOP) right after
+    writing its first checkpoint at `step` or later. Returns the Popen once it is stopped there; its output
+    goes to the file `log` (a full pipe would block it before the cue), which `output(process)` reads."""
+    from transfer_engine.engine.checkpoints import STOP_AFTER_CHECKPOINT
+
+    with open(log, "w") as file:
+        process = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+                                   env={**os.environ, STOP_AFTER_CHECKPOINT: str(step)}, stdout=file,
+                                   stderr=subprocess.STDOUT)
+    process.log = str(log)
+    deadline = time.time() + timeout
+    while _process_state(process.pid) != "T":
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (status {process.returncode}) before its checkpoint at step "
+                                 f"{step}:\n{output(process)[-3000:]}")
+        assert time.time() < deadline, f"no checkpoint at step {step} within {timeout} s"
+        time.sleep(0.02)
+    return process
+
+
+def _process_state(pid):
+    """The state letter of /proc/PID/stat ('T': stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def output(process):
+    """What a process of `stopped_after_checkpoint` has printed so far."""
+    with open(process.log) as f:
+        return f.read()
 
 
 def launch_in_process(*args):

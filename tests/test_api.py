@@ -107,6 +107,9 @@ def test_the_readme_python_example_runs_as_written(tmp_path):
     assert " INFO Done: test accuracy " in done.stderr  # The command's log lines, from the API too.
 
 
+NOTEBOOK_EPOCHS = "epochs=4, head_epochs=2"
+
+
 @pytest.mark.slow
 def test_the_example_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     """examples/transfer_learning.ipynb in a Jupyter kernel, as a user opens it (in a folder of their own)."""
@@ -115,6 +118,12 @@ def test_the_example_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PYTHONPATH", ROOT)  # The kernel imports this checkout's transfer_engine.
     notebook = nbformat.read(os.path.join(ROOT, "examples", "transfer_learning.ipynb"), as_version=4)
+    # As written but shorter: what it proves (every mode trains, is tabulated, drawn, audited and predicts)
+    # needs no more than an epoch per stage of a few steps, on part of the test split.
+    [cell] = [cell for cell in notebook.cells if "te.compare(" in cell.source]
+    assert NOTEBOOK_EPOCHS in cell.source, cell.source
+    cell.source = cell.source.replace(NOTEBOOK_EPOCHS, "epochs=2, head_epochs=1, steps_per_epoch=2, "
+                                                      "eval_split='validation[:64]', test_split='test[:64]'")
     nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]

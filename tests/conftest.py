@@ -95,3 +95,17 @@ def pretrained_run(data_dir, tmp_path_factory):
 
     config = tiny_config(data_dir=data_dir, train_split="train[:3%]", epochs=1)
     return shared(tmp_path_factory, "pretrained", lambda path: train_run(config, path))
+
+
+@pytest.fixture(scope="session")
+def mode_runs(data_dir, pretrained_run, tmp_path_factory):
+    """--job=compare's folder of one tiny config (from the pretrained run, BatchNorm training where the
+    backbone trains, dropout, a staged switch): a run per mode, scratch, frozen, finetune, staged and lora,
+    made once per session for the tests that only read them (one that changes a run copies it first)."""
+    from transfer_engine.engine import compare
+    from helpers import replace, shared, tiny_config
+
+    config = tiny_config(data_dir=data_dir, job="compare", weights=pretrained_run, unfreeze=2, bn="train",
+                         head_epochs=1, epochs=2, backbone_lr_mult=0.5, dropout=0.3, train_split="train[:2%]")
+    return shared(tmp_path_factory, "mode_runs",
+                  lambda path: compare.compare(replace(config, model_dir=path)))

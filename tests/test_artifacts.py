@@ -64,22 +64,14 @@ for run in sys.argv[2:]:
 print(json.dumps(report))
 """
 
-MODES = {
-    "scratch": dict(mode="scratch"),
-    "frozen": dict(mode="frozen"),
-    "finetune_bn_frozen": dict(mode="finetune", unfreeze=2, bn="frozen"),
-    "finetune_bn_train": dict(mode="finetune", unfreeze=2, bn="train"),
-    "staged": dict(mode="finetune", unfreeze=2, bn="train", head_epochs=1, epochs=2),
-}
-
-
 @pytest.mark.slow
-def test_every_mode_hands_over_inference_mode_artifacts_that_need_no_project(tiny, pretrained_run, tmp_path):
+def test_every_mode_hands_over_inference_mode_artifacts_that_need_no_project(mode_runs, tmp_path):
+    """Each mode's run of the session's compare (BatchNorm training where the backbone trains, dropout),
+    copied: its SavedModel is written into the copy."""
     runs = []
-    for name, flags in MODES.items():
-        run = tmp_path / name
-        config = tiny(weights=pretrained_run, train_split="train[:2%]", dropout=0.3, **flags)
-        train_run(config, run)
+    for mode in ("scratch", "frozen", "finetune", "staged", "lora"):
+        run = tmp_path / mode
+        shutil.copytree(os.path.join(mode_runs, mode), run)
         export.write_saved_model(export.load_model(RunDir(str(run))), str(run / "saved_model"))
         runs.append(str(run))
     result = subprocess.run(
@@ -155,6 +147,7 @@ def test_export_writes_three_formats_and_a_parity_report(scratch_run):
     np.testing.assert_array_equal(served(tf.constant(rgba)).numpy(), served(tf.constant(rgb)).numpy())
 
 
+@pytest.mark.slow  # Trains for several seconds: the fast tier stays within a minute.
 def test_export_fails_when_a_float_artifact_does_not_compute_what_was_trained(scratch_run, monkeypatch):
     """The parity check catches the bug it exists for: a SavedModel serving BatchNorm in training mode."""
     import keras

@@ -70,7 +70,7 @@ def test_the_idx_files_are_found_in_the_manual_dir_first_then_in_debians(tmp_pat
     assert fashion_mnist_idx.find_files(str(tmp_path / "manual")) == str(tmp_path / "manual")
 
 
-@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays under 2 minutes.
+@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays within a minute.
 def test_the_shipped_sample_is_the_whole_sets_splits_it_names(tiny, tmp_path):
     """data/fashion_mnist_sample holds what write_sample makes from the whole set (byte for byte), and
     read through TFDS each of its splits gives the examples of the whole set's split, in its order."""
@@ -229,7 +229,7 @@ def test_augment_flips_and_crops_within_the_padded_image():
     assert len({_digest(c.numpy()) for c in cropped}) > 2
 
 
-@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays under 2 minutes.
+@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays within a minute.
 def test_randaugment_and_mixing_are_pure_functions_of_the_seed_and_epoch(subset):
     """RandAugment changes the pixels; MixUp and CutMix mix each batch with soft labels that sum to 1 and
     keep the unmixed labels in the stream's order; a resumed epoch sees exactly the same batches."""
@@ -258,7 +258,7 @@ def test_randaugment_and_mixing_are_pure_functions_of_the_seed_and_epoch(subset)
         assert not np.array_equal(images, np.concatenate([batch[0] for batch in first]))
 
 
-@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays under 2 minutes.
+@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays within a minute.
 def test_augmentation_computes_in_float32_under_a_mixed_precision_policy(subset):
     """What --precision=mixed_float16 (auto's choice on GPUs) sets globally must not reach the input
     pipeline: MixUp and CutMix failed there ('y' of Mul float16 against float32), RandAugment would round."""
@@ -340,7 +340,7 @@ def test_a_folder_dataset_has_classes_splits_and_skips_a_corrupt_image(tiny, tmp
     assert only_dogs.class_names == ("dog", "cat")
 
 
-@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays under 2 minutes.
+@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays within a minute.
 def test_a_folder_without_split_flags_trains_evaluates_and_tests_on_an_80_10_10_cut(tiny, tmp_path, caplog):
     from transfer_engine.engine.run_dir import read_flagfile
     from helpers import digest_tree, launch_in_process, tiny_flags

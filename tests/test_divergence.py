@@ -23,6 +23,7 @@ def diverge(tiny, model_dir, **overrides):
     return errors[0]
 
 
+@pytest.mark.slow  # Trains for several seconds: the fast tier stays within a minute.
 def test_an_exploded_finite_loss_is_divergence(tiny, tmp_path):
     """SGD at lr 1e6 keeps the loss finite (~1e10) at chance accuracy: above 100 x ln 3, it stops."""
     error = diverge(tiny, tmp_path / "run", learning_rate=1e6)
@@ -33,11 +34,13 @@ def test_an_exploded_finite_loss_is_divergence(tiny, tmp_path):
     assert not os.path.exists(tmp_path / "run" / "results.json")
 
 
+@pytest.mark.slow  # Trains for several seconds: the fast tier stays within a minute.
 def test_the_bound_is_a_flag(tiny, tmp_path):
     error = diverge(tiny, tmp_path / "run", learning_rate=0.001, loss_upper_bound=0.01)
     assert error.startswith("error: training diverged: loss above --loss_upper_bound=0.01 from step 1 to 2;"), error
 
 
+@pytest.mark.slow  # Trains for several seconds: the fast tier stays within a minute.
 def test_the_named_last_good_checkpoint_predicts_finite_logits(tiny, tmp_path):
     """lr 1e10 with a checkpoint every step: no checkpoint holding a non-finite variable (BatchNorm's
     moving variance included) is ever saved, so the one named restores to finite predictions."""

@@ -67,6 +67,7 @@ def test_augmentation_turns_the_cache_off_and_says_why(tiny, pretrained_run, tmp
     assert train_run(config, tmp_path)["feature_cache"] is None
 
 
+@pytest.mark.slow  # Trains for several seconds: the fast tier stays within a minute.
 def test_a_finetune_run_that_trains_the_first_layer_trains_live_and_says_why(tiny, pretrained_run, tmp_path, caplog):
     caplog.set_level("INFO", logger="absl")
     config = tiny(mode="finetune", unfreeze=6, weights=pretrained_run, steps_per_epoch=2)
@@ -164,7 +165,7 @@ def test_a_staged_run_uses_the_cache_for_both_stages(tiny, pretrained_run, tmp_p
         assert cached[key] == pytest.approx(live[key], rel=1e-5), key
 
 
-@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays under 2 minutes.
+@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays within a minute.
 def test_a_cache_over_its_budget_goes_to_disk_or_is_skipped_with_a_reason(tiny, pretrained_run, tmp_path, caplog):
     caplog.set_level("INFO", logger="absl")
     config = tiny(mode="finetune", unfreeze=2, weights=pretrained_run, train_split="train[:1%]",

@@ -67,7 +67,7 @@ def _one_step(strategy, *, optimizer, multiplier, precision, weight_decay=0.0, z
     return {w.path: w.numpy() - before[w.path] for w in variables}, built
 
 
-@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays under 2 minutes.
+@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays within a minute.
 def test_the_backbone_multiplier_scales_adam_updates_under_mirrored_mixed_precision():
     strategy = two_devices()
     full, optimizer = _one_step(strategy, optimizer="adam", multiplier=1.0, precision="mixed_float16")
@@ -177,7 +177,7 @@ def test_native_info_lines_are_held_back_and_everything_else_is_written(capfd):
                                         "E0000 00:00:1796043766.515896   20853 other.cc:1] another native error\n")
 
 
-@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays under 2 minutes.
+@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays within a minute.
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="oneDNN is asked for on x86-64")
 @pytest.mark.parametrize("setting, enabled", [(None, "True"), ("0", "False")])
 def test_onednn_kernels_are_on_unless_the_user_says_no_and_tensorflow_loads_quietly(setting, enabled):

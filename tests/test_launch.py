@@ -268,7 +268,7 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(data_dir, tmp_path, mo
     ]
 
 
-@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays under 2 minutes.
+@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays within a minute.
 def test_rerunning_a_finished_run_changes_no_file_and_a_larger_epochs_continues_it(data_dir, tmp_path, caplog):
     config = tiny_config(data_dir=data_dir, model_dir=str(tmp_path / "run"))
     first = train_run(config, tmp_path / "run")

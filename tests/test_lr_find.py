@@ -21,7 +21,7 @@ def test_the_sweep_stops_when_the_smoothed_loss_explodes():
     assert lr_find.exploded([1.0, 0.8, 0.5, 2.1]) and lr_find.exploded([1.0, float("nan")])
 
 
-@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays under 2 minutes.
+@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays within a minute.
 def test_lr_find_sweeps_up_to_the_explosion_and_leaves_the_run_as_it_was(tiny, pretrained_run, tmp_path):
     config = tiny(model_dir=str(tmp_path / "run"), mode="frozen", weights=pretrained_run, train_split="train[:2%]")
     train_run(config, tmp_path / "run")

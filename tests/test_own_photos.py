@@ -50,7 +50,7 @@ def _check_listed(listed, config, classes, losses, logits, labels):
         assert row["probability"] == pytest.approx(float(probabilities[index].max()), rel=1e-4)
 
 
-@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays under 2 minutes.
+@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays within a minute.
 def test_the_test_s_highest_losses_are_drawn_and_listed_after_training_and_evaluate(tiny, tmp_path):
     run_dir = tmp_path / "run"
     config = tiny(epochs=1, tta=True)
@@ -115,7 +115,7 @@ def test_top_losses_name_files_only_where_the_names_are_exact(tiny, tmp_path, br
         assert all(os.path.basename(os.path.dirname(row["example"])) == row["label"] for row in listed)
 
 
-@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays under 2 minutes.
+@pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays within a minute.
 def test_weights_trained_at_another_image_size_are_warned_about(tiny, pretrained_run, tmp_path, caplog):
     assert trained_image_size("imagenet", "efficientnet_lite0") == 224
     assert trained_image_size(pretrained_run, "small_cnn") == 32

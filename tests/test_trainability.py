@@ -152,6 +152,7 @@ def _optimizer_values(optimizer):
     return {variable.path: np.array(variable.numpy(), copy=True) for variable in optimizer.variables}
 
 
+@pytest.mark.slow  # Trains for several seconds: the fast tier stays within a minute.
 def test_staged_finetuning_switches_once_and_keeps_the_head_optimizer_state(tiny, pretrained_run, tmp_path):
     weights = os.path.join(pretrained_run, "backbone.weights.h5")
     config = tiny(mode="finetune", unfreeze=2, head_epochs=1, epochs=2, weights=weights, steps_per_epoch=3,

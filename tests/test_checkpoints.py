@@ -78,6 +78,16 @@ def _interrupt(args, model_dir, sig, at_step):
     return process
 
 
+def resume(args, caplog):
+    """Reruns the same command, in this process (only the interrupted run's process is the subject); returns
+    its log lines."""
+    caplog.set_level("INFO", logger="absl")
+    caplog.clear()
+    status, stderr = launch_in_process(*args)
+    assert status == 0, stderr[-3000:] + caplog.text[-3000:]
+    return caplog.text
+
+
 def assert_same_run(model_dir, reference):
     assert without_timing(read(model_dir, "results.json")) == without_timing(read(reference, "results.json"))
     assert [without_timing(r) for r in read(model_dir, "metrics.jsonl")] == [
@@ -87,7 +97,7 @@ def assert_same_run(model_dir, reference):
         np.testing.assert_array_equal(ours, theirs)
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_results(data_dir, reference, tmp_path):
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_results(data_dir, reference, tmp_path, caplog):
     model_dir = str(tmp_path / "killed")
     args = resumable(data_dir, model_dir)
     step = 10  # Mid-epoch 1.
@@ -95,9 +105,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_results(data_dir
     assert killed.returncode == -signal.SIGKILL
     assert max(_checkpoint_steps(model_dir)) == step and not os.path.exists(os.path.join(model_dir, "results.json"))
 
-    resumed = launch(*args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming from {model_dir}/checkpoints/ckpt-{step} (step {step}, epoch 1)" in resumed.stderr
+    resumed = resume(args, caplog)
+    assert f"Resuming from {model_dir}/checkpoints/ckpt-{step} (step {step}, epoch 1)" in resumed
     assert_same_run(model_dir, reference)
 
 
@@ -106,7 +115,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_results(data_dir
     (signal.SIGINT, EXIT_INTERRUPTED, "Interrupted"),  # Ctrl-C: exit 130.
 ])
 def test_sigterm_and_ctrl_c_checkpoint_exit_in_one_line_and_the_rerun_finishes_the_same(
-    data_dir, reference, tmp_path, sig, status, word
+    data_dir, reference, tmp_path, sig, status, word, caplog
 ):
     model_dir = str(tmp_path / "stopped")
     args = resumable(data_dir, model_dir)
@@ -120,9 +129,8 @@ def test_sigterm_and_ctrl_c_checkpoint_exit_in_one_line_and_the_rerun_finishes_t
     # The step the signal found (at or after the periodic checkpoint, whether or not it is one of them).
     assert saved.group(1).endswith(f"ckpt-{saved.group(2)}") and periodic <= int(saved.group(2)) < 60
 
-    resumed = launch(*args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"(step {saved.group(2)}," in resumed.stderr
+    resumed = resume(args, caplog)
+    assert f"(step {saved.group(2)}," in resumed
     assert_same_run(model_dir, reference)
 
 
@@ -154,28 +162,26 @@ def _killed_mid_run(data_dir, tmp_path, name):
     return args, model_dir, sorted((int(m) for m in re.findall(r"ckpt-(\d+)\.index", " ".join(files))), reverse=True)
 
 
-def test_a_truncated_latest_checkpoint_is_skipped_and_the_run_ends_the_same(data_dir, reference, tmp_path):
+def test_a_truncated_latest_checkpoint_is_skipped_and_the_run_ends_the_same(data_dir, reference, tmp_path, caplog):
     args, model_dir, steps = _killed_mid_run(data_dir, tmp_path, "truncated")
     data = os.path.join(model_dir, "checkpoints", f"ckpt-{steps[0]}.data-00000-of-00001")
     os.truncate(data, os.path.getsize(data) // 2)  # A full disk or a crash while copying.
 
-    resumed = launch(*args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = resume(args, caplog)
     newest, previous = (f"{model_dir}/checkpoints/ckpt-{step}" for step in steps[:2])
-    assert f"Checkpoint {newest} is damaged (Read less bytes than requested)" in resumed.stderr
-    assert f"Restored {previous} instead of the damaged {newest}" in resumed.stderr
-    assert f"Resuming from {previous} (step {steps[1]}," in resumed.stderr
+    assert f"Checkpoint {newest} is damaged (Read less bytes than requested)" in resumed
+    assert f"Restored {previous} instead of the damaged {newest}" in resumed
+    assert f"Resuming from {previous} (step {steps[1]}," in resumed
     assert_same_run(model_dir, reference)
 
 
-def test_a_lost_state_file_is_rebuilt_and_the_run_resumes_from_the_newest(data_dir, reference, tmp_path):
+def test_a_lost_state_file_is_rebuilt_and_the_run_resumes_from_the_newest(data_dir, reference, tmp_path, caplog):
     args, model_dir, steps = _killed_mid_run(data_dir, tmp_path, "lost_state")
     os.remove(os.path.join(model_dir, "checkpoints", "checkpoint"))
 
-    resumed = launch(*args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"was missing: rebuilt from the {len(steps)} checkpoints present" in resumed.stderr
-    assert f"Resuming from {model_dir}/checkpoints/ckpt-{steps[0]} (step {steps[0]}," in resumed.stderr
+    resumed = resume(args, caplog)
+    assert f"was missing: rebuilt from the {len(steps)} checkpoints present" in resumed
+    assert f"Resuming from {model_dir}/checkpoints/ckpt-{steps[0]} (step {steps[0]}," in resumed
     assert_same_run(model_dir, reference)
     kept = [name for name in os.listdir(os.path.join(model_dir, "checkpoints")) if name.endswith(".index")]
     assert len(kept) == 3, f"the rebuilt checkpoints were never cleaned up: {sorted(kept)}"  # --keep_checkpoints

@@ -382,6 +382,13 @@ def test_a_folder_without_split_flags_trains_evaluates_and_tests_on_an_80_10_10_
     assert "began on it (40 images then, 41 now, or their names, sizes or times differ): eval and test now hold " \
         "other images than the run's" in caplog.text
     added.unlink()
+    # As many images, one renamed: changed all the same (a count alone would miss renames and rewrites).
+    first = sorted((tmp_path / "images" / "cat").iterdir())[0]
+    renamed = first.with_name("renamed" + first.suffix)
+    first.rename(renamed)
+    status, stderr = launch_in_process(f"--flagfile={run / 'flags.txt'}", "--epochs=2")
+    assert status == 2 and "(40 images then, 40 now, or their names, sizes or times differ)" in stderr, stderr
+    renamed.rename(first)
     assert launch_in_process(f"--flagfile={run / 'flags.txt'}", "--epochs=2")[0] == 0
 
 

@@ -8,7 +8,7 @@ import keras
 import pytest
 
 from transfer_engine.engine.checkpoints import damage
-from helpers import launch, tiny_config, tiny_flags
+from helpers import launch, launch_in_process, tiny_config, tiny_flags
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def _partials(model_dir):
     (2, "backbone.weights.h5"),  # Training ends; model.keras fits, its backbone file does not.
 ])
 def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_the_rerun_finishes(
-    data_dir, small_disk, epochs, fails_at
+    data_dir, small_disk, epochs, fails_at, caplog
 ):
     mount, grow = small_disk
     model_dir = str(mount / "run")
@@ -54,9 +54,10 @@ def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_the_rerun_finishe
     assert not _partials(model_dir) and not os.path.exists(f"{model_dir}/{fails_at}")
 
     grow(8)
-    resumed = launch(*args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming from {model_dir}/checkpoints/ckpt-66 (step 66," in resumed.stderr
+    caplog.set_level("INFO", logger="absl")
+    status, stderr = launch_in_process(*args)  # The rerun's process is not the subject.
+    assert status == 0, stderr[-3000:]
+    assert f"Resuming from {model_dir}/checkpoints/ckpt-66 (step 66," in caplog.text
     keras.saving.load_model(f"{model_dir}/model.keras")
     assert os.path.getsize(f"{model_dir}/backbone.weights.h5") > 0 and not _partials(model_dir)
 

@@ -20,8 +20,8 @@ def _built_wheel(folder):
     source = os.path.join(folder, "source")
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "runs", "build", "dist", "*.egg-info",
                                                                 "__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
-                    str(folder), source], check=True, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(folder), source], check=True, capture_output=True, timeout=600)  # The installed setuptools.
     wheels = glob.glob(os.path.join(folder, "transfer_engine-*.whl"))
     assert len(wheels) == 1, wheels
     return wheels[0]

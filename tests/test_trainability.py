@@ -229,6 +229,22 @@ def test_backbone_learning_rate_multiplier_scales_backbone_updates_only():
     assert np.abs(full["block1_conv/kernel"]).max() > 0
 
 
+@pytest.mark.slow  # Builds two runs.
+def test_a_run_gives_backbone_lr_mult_to_the_backbone_alone(tiny, tmp_path):
+    """The wiring of --backbone_lr_mult (engine/assembly.py): the same step moves the head as much at 0.5 as
+    at 1, and the backbone half as much."""
+    moved = {}
+    for multiplier in (1.0, 0.5):
+        run = assembly.build(tiny(mode="scratch", optimizer="sgd", backbone_lr_mult=multiplier,
+                                  model_dir=str(tmp_path / str(multiplier))))
+        before = {w.path: w.numpy() for w in run.trained_variables}
+        run.optimizer.apply([tf.ones_like(w) for w in run.trained_variables], run.trained_variables)
+        moved[multiplier] = {w.path: w.numpy() - before[w.path] for w in run.trained_variables}
+    np.testing.assert_allclose(moved[0.5]["logits/kernel"], moved[1.0]["logits/kernel"], rtol=1e-6)
+    np.testing.assert_allclose(moved[0.5]["block1_conv/kernel"], 0.5 * moved[1.0]["block1_conv/kernel"], rtol=1e-3)
+    assert np.abs(moved[1.0]["block1_conv/kernel"]).min() > 0
+
+
 def test_weight_decay_skips_biases_and_batchnorm():
     model = small_model()
     variables = trainability.apply(model, mode="scratch")
@@ -287,7 +303,10 @@ def test_the_audit_names_a_frozen_weight_that_moved_and_counts_trained_ones():
     variables = trainability.apply(model, mode="frozen")
     before = trainability.snapshot(model)
     frozen = trainability.frozen_weights(model, variables)
-    frozen[0].assign(frozen[0].numpy() + np.float32(1e-7) * np.sign(frozen[0].numpy() + 0.5))  # One ulp-sized move.
+    moved = frozen[0].numpy()
+    largest = np.unravel_index(np.argmax(np.abs(moved)), moved.shape)
+    moved[largest] = np.nextafter(moved[largest], np.float32(np.inf))  # One ulp of one element: close, not equal.
+    frozen[0].assign(moved)
     variables[0].assign(variables[0].numpy() + 1)
     audit = trainability.audit(model, before, variables)
     assert (audit["frozen_changed"], audit["frozen_changed_paths"]) == (1, [frozen[0].path])

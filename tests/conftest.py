@@ -109,3 +109,13 @@ def mode_runs(data_dir, pretrained_run, tmp_path_factory):
                          head_epochs=1, epochs=2, backbone_lr_mult=0.5, dropout=0.3, train_split="train[:2%]")
     return shared(tmp_path_factory, "mode_runs",
                   lambda path: compare.compare(replace(config, model_dir=path)))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """An xdist worker, its results sent, leaves without TensorFlow's teardown, which the controller would
+    wait for (seconds of every run of the suite)."""
+    if hasattr(config, "workerinput"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

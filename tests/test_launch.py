@@ -106,7 +106,12 @@ def wrong_architecture(tmp_path_factory):
 
 # The bad-input catalogue: every entry is one line naming the flag (or file) and the value, exit 2,
 # no traceback, and the earlier run in --model_dir untouched. ({wrong}: weights of another architecture;
-# {file}: a regular file; {flagfile}: a flagfile with a stray line; {run}: the earlier run.)
+# {file}: a regular file; {flagfile}: a flagfile with a stray line; {run}: the earlier run.) An entry in
+# slow(...) reaches the data and the model, as others before it do (seconds each): in the full suite only.
+def slow(bad, message):
+    return pytest.param(bad, message, marks=pytest.mark.slow, id=" ".join(bad))
+
+
 BAD_INPUT = [
     (["--backbone=vgg99"], "--backbone=vgg99: must be one of"),
     (["--dataset=no_such_data"], "--dataset=no_such_data: is not a TFDS dataset"),
@@ -127,12 +132,12 @@ BAD_INPUT = [
     (["--grad_accum_steps=3"], "--grad_accum_steps=3: must divide --batch_size=8"),
     (["--grad_accum_steps=2", "--cpu_replicas=2"], "--grad_accum_steps=2: runs on one replica only, not 2"),
     (["--class_weight=inverse"], "--class_weight=inverse: must be one of none, balanced"),
-    (["--label_smoothing=0.1"], "--model_dir={run}: holds a run with --label_smoothing=0.0, not 0.1"),
+    slow(["--label_smoothing=0.1"], "--model_dir={run}: holds a run with --label_smoothing=0.0, not 0.1"),
     (["--strategy=default", "--cpu_replicas=2"], "--cpu_replicas=2: needs --strategy=mirrored or auto, not default"),
     (["--batch_size=abc"], "flag --batch_size=abc: invalid literal"),
     (["--cpu_replicas=2", "--batch_size=9"], "--batch_size=9: must be divisible by the 2 replicas"),
     (["--mode=finetune", "--unfreeze=99"], "--unfreeze=99: the backbone has only 6 layers with weights"),
-    (["--mode=finetune", "--unfreeze_from=nope"], "--unfreeze_from=nope: no such backbone layer"),
+    slow(["--mode=finetune", "--unfreeze_from=nope"], "--unfreeze_from=nope: no such backbone layer"),
     (["--mode=finetune", "--trainable_regex=["], "--trainable_regex=[: not a regular expression"),
     (["--head_epochs=1"], "--head_epochs=1: stages a --mode=finetune run only"),
     (["--job=compare"], "--unfreeze=0: --job=compare needs exactly one of --unfreeze, --unfreeze_from"),
@@ -147,11 +152,11 @@ BAD_INPUT = [
     (["--mode=frozen", "--weights=/no/such.weights.h5"], "--weights=/no/such.weights.h5: no such file"),
     (["--mode=frozen", "--weights={wrong}"], "--weights={wrong}: does not fit this backbone"),
     (["--model_dir={file}/run"], "--model_dir={file}/run: is not writable (Not a directory)"),
-    (["--model_dir={long}"], "--model_dir={long}: is too long: files below it would have paths of "),
-    (["--backbone=mobilenet_v2", "--alpha=0.35"], "--model_dir={run}: holds a run with --backbone=small_cnn"),
-    (["--learning_rate=0.01"], "--model_dir={run}: holds a run with --learning_rate=0.001, not 0.01"),
+    slow(["--model_dir={long}"], "--model_dir={long}: is too long: files below it would have paths of "),
+    slow(["--backbone=mobilenet_v2", "--alpha=0.35"], "--model_dir={run}: holds a run with --backbone=small_cnn"),
+    slow(["--learning_rate=0.01"], "--model_dir={run}: holds a run with --learning_rate=0.001, not 0.01"),
     (["--seed=7"], "--model_dir={run}: holds a run with --seed=42, not 7"),  # Another order of examples.
-    (["--shuffle_buffer=50"], "--model_dir={run}: holds a run with --shuffle_buffer=10000, not 50"),
+    slow(["--shuffle_buffer=50"], "--model_dir={run}: holds a run with --shuffle_buffer=10000, not 50"),
     (["--strategy=multi_worker"], "--strategy=multi_worker: needs TF_CONFIG"),
     (["--strategy=tpu"], "--strategy=tpu: no TPU found"),
     (["--job=export", "--export_format=saved_model,onnx"],
@@ -183,7 +188,9 @@ def stray_files(tmp_path_factory):
             "empty": str(folder / "empty")}
 
 
-@pytest.mark.parametrize("bad, message", BAD_INPUT, ids=[" ".join(bad) for bad, _ in BAD_INPUT])
+@pytest.mark.parametrize("bad, message", [
+    entry if hasattr(entry, "marks") else pytest.param(*entry, id=" ".join(entry[0])) for entry in BAD_INPUT
+])
 def test_bad_input_is_one_line_exit_2_and_leaves_the_earlier_run_alone(
     data_dir, earlier_run, wrong_architecture, stray_files, bad, message, monkeypatch
 ):

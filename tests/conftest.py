@@ -31,8 +31,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """The slow tests first (a stable sort: otherwise in file order)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest tests first, then the other slow ones (a stable sort: otherwise in file order)."""
+    items.sort(key=lambda item: (item.get_closest_marker("longest") is None, item.get_closest_marker("slow") is None))
 
 
 def _escaped(value):

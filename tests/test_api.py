@@ -110,6 +110,7 @@ def test_the_readme_python_example_runs_as_written(tmp_path):
 NOTEBOOK_EPOCHS = "epochs=4, head_epochs=2"
 
 
+@pytest.mark.longest
 @pytest.mark.slow
 def test_the_example_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     """examples/transfer_learning.ipynb in a Jupyter kernel, as a user opens it (in a folder of their own)."""

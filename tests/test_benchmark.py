@@ -10,6 +10,7 @@ import pytest
 from transfer_engine.engine import benchmark
 
 
+@pytest.mark.longest
 @pytest.mark.slow
 def test_benchmark_measures_every_mode_against_plain_fit_the_caches_and_the_pipeline(tiny, pretrained_run, tmp_path,
                                                                                      capsys, monkeypatch):

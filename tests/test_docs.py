@@ -102,6 +102,7 @@ def _readme_commands():
     return commands, [line.strip() for line in flagfile.splitlines()]
 
 
+@pytest.mark.longest
 @pytest.mark.slow  # Six runs of launch.py, as README shows them (3 to 4 minutes).
 def test_readmes_commands_work_as_written(tmp_path):
     """Every `python launch.py` line of README.md, in README's order, from a folder of one's own: the

@@ -21,6 +21,7 @@ def _gpu_check(out, *args):
     return report["checks"]
 
 
+@pytest.mark.longest
 @pytest.mark.slow
 def test_the_gpu_check_runs_every_offline_check_and_reports_its_figures(pretrained_run, tmp_path):
     # Twice, with the fewest steps and images that still run each path (flags after `--` go to every

@@ -374,16 +374,22 @@ def eval_steps(split, global_batch_size, worker=Worker()):
     return -(-largest_shard // worker_batch)
 
 
-def eval_dataset(examples, *, batch_size, steps, local_replicas=1, deterministic=True):
+def eval_dataset(examples, *, batch_size, steps, local_replicas=1, deterministic=True, positions_of=None):
     """Per-replica batches of (images, labels, weights): every example once, then weight-0 padding up
     to `steps` full global steps, so no replica ever gets a partial or empty batch (static shapes for
-    XLA) and every worker runs the same number of steps; weighted metrics count real examples only."""
+    XLA) and every worker runs the same number of steps; weighted metrics count real examples only.
+
+    With `positions_of` (this Worker), each element also carries its example's position among every
+    worker's examples (example i of worker w of n: i x n + w; padding: -1), which puts a prediction
+    pass's outputs back in order, whatever replica computed them."""
     spec = examples.dataset.element_spec[0]
     blank = (tf.zeros(spec.shape, spec.dtype), tf.constant(0, tf.int64), 0.0)
     padding = steps * batch_size * local_replicas - examples.count
-    dataset = examples.dataset.map(lambda image, label: (image, label, 1.0)).concatenate(
-        tf.data.Dataset.from_tensors(blank).repeat(padding)
-    )
+    dataset = examples.dataset.map(lambda image, label: (image, label, 1.0))
+    if positions_of is not None:
+        worker, blank = positions_of, (*blank, tf.constant(-1, tf.int64))
+        dataset = dataset.enumerate().map(lambda index, element: (*element, index * worker.count + worker.index))
+    dataset = dataset.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
     return dataset.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE).with_options(options(deterministic))
 
 

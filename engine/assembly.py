@@ -85,10 +85,10 @@ class Run:
 
         return self.devices.strategy.distribute_datasets_from_function(dataset_fn)
 
-    def eval_dataset(self, examples, batch_size=None):
+    def eval_dataset(self, examples, batch_size=None, *, positions=False):
         """The distributed evaluation dataset of `examples` (None for None) in global batches of
         `batch_size` (default --batch_size): every example once, with weight-0 padding so every replica
-        and worker runs the same steps."""
+        and worker runs the same steps; with `positions`, each example's place (engine/predictions.py)."""
         if examples is None:
             return None
         config, batch_size = self.config, batch_size or self.config.batch_size
@@ -100,6 +100,7 @@ class Run:
             return pipeline.eval_dataset(
                 examples, batch_size=context.get_per_replica_batch_size(batch_size), steps=steps,
                 local_replicas=local_replicas, deterministic=config.deterministic,
+                positions_of=self.worker if positions else None,
             )
 
         return self.devices.strategy.distribute_datasets_from_function(dataset_fn)

@@ -11,19 +11,20 @@ the run's own, completed from its flags.txt: engine/config.py).
     inspect    engine/inspect.py    duplicates and suspect labels in the data, before training
 """
 
-import os
 
 from absl import logging
 
 from transfer_engine import internals
-from transfer_engine.engine import assembly, benchmark, compare, confidence, distribute, export, inspect, lr_find, predict, training
+from transfer_engine.engine import (assembly, benchmark, compare, distribute, export, inspect, lr_find, predict, predictions,
+                                    reports, training)
 from transfer_engine.engine.run_dir import RunDir, check_temporary_space
 from transfer_engine.engine.trainer import Stages
 from transfer_engine.errors import ConfigError
 
 
-def evaluate(config):
-    """Evaluates the latest checkpoint of --model_dir on the eval and test splits."""
+def evaluate(config, *, report_list=reports.DEFAULT):
+    """Evaluates the latest checkpoint of --model_dir on the eval and test splits: one prediction pass
+    each, and the reports --job=train writes (engine/reports.py), in evaluation.json and beside it."""
     run_dir = RunDir(config.model_dir)
     run_dir.refuse_if_training("evaluate")
     run = assembly.build(config, pretrained=False)
@@ -35,21 +36,13 @@ def evaluate(config):
         logging.warning("--dataset=%s: %s: eval and test now hold other images than the run's, maybe some it "
                         "trained on", run.source.name, changed)
     trainer = Stages(run)(run.epochs_done)
-    evaluation = {"job": "evaluate", "checkpoint": restored}
-    for name in ("eval", "test"):
-        metrics = training.evaluate_split(run, trainer, run.splits[name])
-        for key in ("loss", "accuracy", "examples", "class_accuracy", "confusion_matrix"):
-            evaluation[f"{name}_{key}"] = metrics[key] if metrics else None
-    if run.splits["test"]:
-        logits, labels = confidence.logits_of(run.model, run.splits["test"].dataset, batch_size=run.config.batch_size,
-                                              tta=run.config.tta)
-        evaluation["test_top_losses"] = training.write_top_losses(
-            run, run_dir, logits=logits, labels=labels, step=int(run.state.step.numpy()),
-            title=f"{os.path.basename(restored)}: the highest losses of {run.config.test_split}")
+    predicted = {name: predictions.predict(run, trainer, name) for name in ("eval", "test")}
+    evaluation = {"job": "evaluate", "checkpoint": restored, **reports.write(report_list, reports.Finished(
+        run, run_dir, predicted, step=int(run.state.step.numpy()), measured=("eval", "test")))}
     run_dir.write_json("evaluation.json", evaluation)
     logging.info(
         "Evaluated %s: eval accuracy %s, test accuracy %s (%s test examples)",
-        restored, training.fmt(evaluation["eval_accuracy"]), training.fmt(evaluation["test_accuracy"]),
+        restored, reports.fmt(evaluation["eval_accuracy"]), reports.fmt(evaluation["test_accuracy"]),
         evaluation["test_examples"],
     )
     return evaluation

@@ -133,12 +133,32 @@ class Trainer:
             self._gradients = tf.function(self._replica_gradients, jit_compile=True)
         self.train_steps = tf.function(self._train_steps)
         self._evaluate_traced = tf.function(self._evaluate)
+        self._predict_traced = tf.function(self._predict)
 
     def evaluate(self, dataset):
         """The sums of `_evaluate`, with the trained weights' moving averages in place (--ema). Evaluation
         prints nothing of its own, so native chatter is held back meanwhile (internals.quiet_native_info)."""
         with averaged_weights(self.optimizer, self.variables), quiet_native_info():
             return self._evaluate_traced(dataset)
+
+    def predict(self, dataset):
+        """Every example of a distributed dataset of (images, labels, weights, positions) through the model
+        as `evaluate` calls it, gathered from every replica and worker: numpy (logits [n, outputs],
+        per-example losses [n], labels [n], positions [n]), padding included (position -1), in the
+        order gathered (engine/predictions.py puts them in the examples' order)."""
+        with averaged_weights(self.optimizer, self.variables), quiet_native_info():
+            batches = [[value.numpy() for value in self._predict_traced(batch)] for batch in dataset]
+        return tuple(np.concatenate(part) for part in zip(*batches))
+
+    def _predict(self, batch):
+        per_replica = self.strategy.run(self._replica_predict_step, args=tuple(batch))
+        return [self.strategy.gather(value, axis=0) for value in per_replica]
+
+    def _replica_predict_step(self, images, labels, weights, positions):
+        evaluate = lambda batch: self.forward(batch, training=False)
+        logits = flip_averaged(evaluate, images) if self.tta else evaluate(images)
+        loss, _ = per_example_loss(labels, logits)
+        return tf.cast(logits, tf.float32), loss, labels, positions
 
     def _replica_train_step(self, images, labels, targets=None):
         """One step on a replica's batch; `targets`: the batch's mixed labels (--mixup, --cutmix)."""

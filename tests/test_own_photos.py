@@ -96,18 +96,18 @@ def _folder(root, counts, broken=None):
 @pytest.mark.parametrize("broken", [None, "dog"])
 def test_top_losses_name_files_only_where_the_names_are_exact(tiny, tmp_path, broken):
     """Names follow the split as read; an undecodable image shifts the decoded ones, so then only positions."""
+    from transfer_engine.engine import predictions, reports
     from transfer_engine.engine.run_dir import RunDir
-    from transfer_engine.engine.training import write_top_losses
+    from transfer_engine.engine.trainer import Stages
 
     _folder(tmp_path / "photos", {"cat": 12, "dog": 12}, broken=broken)
     config = tiny(dataset=f"folder:{tmp_path / 'photos'}", label_subset=(), train_split="train", eval_split="",
                   test_split="train", model_dir=str(tmp_path / "run"))
     run = assembly.build(config)
     os.makedirs(config.model_dir)
-    from transfer_engine.engine.confidence import logits_of
-
-    logits, labels = logits_of(run.model, run.splits["test"].dataset, batch_size=8)
-    listed = write_top_losses(run, RunDir(config.model_dir), logits=logits, labels=labels, step=0, title="untrained")
+    test = predictions.predict(run, Stages(run)(0), "test")
+    listed = reports.highest_losses(reports.Finished(run, RunDir(config.model_dir), {"eval": None, "test": test},
+                                                     step=0))["test_top_losses"]
     assert len(listed) == 16
     if broken:
         assert all(isinstance(row["example"], int) for row in listed)

@@ -225,6 +225,46 @@ def test_per_class_accuracy_and_the_confusion_matrix_are_exact_across_replicas_a
         assert metrics["confusion_matrix"] == confusion.tolist()
 
 
+def test_the_prediction_pass_gives_the_evaluations_figures_in_the_examples_order():
+    """engine/predictions.py: one pass keeps every example's logits and loss, in order, on 1 and 2 replicas
+    with padding; the loss, accuracy, per-class accuracy and confusion matrix from it are the distributed
+    evaluation's (engine/trainer.py), the numbers train and evaluate reported before the pass."""
+    from transfer_engine.data import pipeline
+    from transfer_engine.engine.predictions import Predictions, in_order
+
+    keras.utils.set_random_seed(3)
+    model = build_classifier(backbone="small_cnn", image_size=8, channels=1, num_classes=3)
+    rng = np.random.default_rng(4)
+    images, labels = rng.integers(0, 256, (37, 8, 8, 1)).astype("uint8"), rng.integers(0, 3, 37)
+    expected_logits = model.predict(images, verbose=0)
+    examples = pipeline.Examples(split=None, dataset=tf.data.Dataset.from_tensor_slices((images, labels)),
+                                 count=37, skipped=0)
+    for strategy in (default_strategy(), two_devices()):
+        replicas = strategy.num_replicas_in_sync
+        trainer = Trainer(model=model, optimizer=None, strategy=strategy, global_batch_size=8,
+                          variables=model.trainable_variables)
+        datasets = [strategy.distribute_datasets_from_function(lambda context: pipeline.eval_dataset(
+            examples, batch_size=context.get_per_replica_batch_size(8), steps=5, local_replicas=replicas,
+            positions_of=positions)) for positions in (None, pipeline.Worker())]
+        evaluated = summarize(trainer.evaluate(datasets[0]), ["a", "b", "c"])
+        logits, losses, found, positions = in_order(*trainer.predict(datasets[1]))
+        assert positions.tolist() == list(range(37)) and found.tolist() == labels.tolist()
+        np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-6)
+        predicted = Predictions(name="test", split="x", examples=examples, logits=logits.astype(np.float64),
+                                losses=losses.astype(np.float64), labels=found, positions=positions)
+        metrics = predicted.metrics(["a", "b", "c"])
+        assert {key: metrics[key] for key in ("examples", "accuracy", "class_accuracy", "confusion_matrix")} == {
+            key: evaluated[key] for key in ("examples", "accuracy", "class_accuracy", "confusion_matrix")}
+        # Per-example float32 losses from two compiled graphs: equal to float32's precision.
+        assert metrics["loss"] == pytest.approx(evaluated["loss"], rel=1e-6)
+    # Several workers: worker 1 of 2 numbers its examples 1, 3, 5, ...; its padding -1. Gathered worker after
+    # worker, they are put back in the examples' order.
+    element = list(pipeline.eval_dataset(examples, batch_size=40, steps=1, positions_of=pipeline.Worker(1, 2)))[0]
+    assert element[3].numpy().tolist() == [1 + 2 * i for i in range(37)] + [-1] * 3
+    gathered = np.array([0, 2, 4, -1, 1, 3, -1])
+    assert [array.tolist() for array in in_order(gathered * 10, gathered)] == [[0, 10, 20, 30, 40], [0, 1, 2, 3, 4]]
+
+
 @pytest.mark.parametrize("strategy", [default_strategy, two_devices], ids=["1 replica", "2 replicas"])
 def test_tta_evaluates_the_mean_of_each_images_and_its_mirror_images_logits(strategy):
     from transfer_engine.data import pipeline
@@ -355,12 +395,11 @@ def test_ema_run_saves_and_tests_the_averaged_weights_and_leaves_frozen_weights_
         if id(variable) not in trained and not variable.path.endswith(("moving_mean", "moving_variance")):
             np.testing.assert_array_equal(saved_by_path[variable.path], variable.numpy())
     # The reported test is the saved model's.
-    from transfer_engine.engine.training import evaluate_split
     for weight in run.model.weights:
         weight.assign(saved_by_path[weight.path])
     plain = Trainer(model=run.model, optimizer=keras.optimizers.SGD(), strategy=run.devices.strategy,
                     global_batch_size=8, variables=[])
-    assert evaluate_split(run, plain, run.splits["test"])["accuracy"] == results["test_accuracy"]
+    assert summarize(plain.evaluate(run.eval_dataset(run.splits["test"])))["accuracy"] == results["test_accuracy"]
 
 
 def _assert_the_replicas_skipped_together(weights, scales, initial):

@@ -27,22 +27,8 @@ from absl import logging
 import tensorflow as tf
 
 from transfer_engine import internals
+from transfer_engine.engine import config as config_lib
 from transfer_engine.errors import ConfigError
-
-# Options that change what is in a checkpoint: a run dir holding another value of them is refused.
-IDENTITY = (
-    "backbone", "alpha", "image_size", "dataset", "label_subset", "mode", "unfreeze", "unfreeze_from",
-    "trainable_regex", "bn", "lora_rank", "optimizer",
-    # These fix which examples make each step: a resumed run must keep them to continue where it was.
-    "train_split", "batch_size", "grad_accum_steps", "steps_per_epoch", "seed", "shuffle_buffer",
-    # The optimizer's checkpoint holds its learning rate: a resumed run would silently keep the old one.
-    "learning_rate", "lr_schedule", "warmup_steps",
-    # These define the loss: a resumed run with others would optimise something else from then on.
-    "label_smoothing", "class_weight",
-    # The checkpoint holds the weights' moving averages only with it, and evaluation uses them.
-    "ema",
-)
-
 
 LOCK = "run.lock"
 DATASET = "dataset.json"
@@ -112,7 +98,7 @@ class RunDir:
             raise ConfigError("model_dir", self.path, "exists and is not a directory")
         previous = read_flagfile(self.file("flags.txt"))
         current = read_flagfile_text(config.to_flagfile())
-        for name in IDENTITY:
+        for name in config_lib.IDENTITY_FLAGS:
             if name in previous and previous[name] != current.get(name):
                 raise ConfigError(
                     "model_dir", self.path,

@@ -58,6 +58,22 @@ def test_auto_split_flags_and_an_empty_label_subset_undo_a_flagfiles_values(tmp_
     assert undone == parse("--model_dir=/tmp/x", "--backbone=small_cnn"), "auto must mean not given"
 
 
+def test_every_flag_has_its_facts_with_its_field_and_the_tables_come_from_them():
+    """One home per flag: its group in --help, its role for a run (identity, the run's model, an hparam, a
+    setting) and its own check live with its field; FLAG_GROUPS and the role tables are read off them."""
+    names = [field.name for field in dataclasses.fields(Config)]
+    for field in dataclasses.fields(Config):
+        facts = field.metadata
+        assert facts["group"] in config_lib.GROUPS and facts["role"] in config_lib.ROLES, field.name
+        assert facts["valid"] is None or callable(facts["valid"]), field.name
+    grouped = [name for _, _, group in config_lib.FLAG_GROUPS for name in group]
+    assert sorted(grouped) == sorted(names), "a flag in no group of --help, or in two"
+    assert set(config_lib.RUN_MODEL_FLAGS) < set(config_lib.IDENTITY_FLAGS) < set(config_lib.HPARAM_FLAGS) < set(names)
+    assert {"model_dir", "data_dir", "checkpoint_every"}.isdisjoint(config_lib.hparams(Config(model_dir="/tmp/x")))
+    with pytest.raises(TypeError, match="group"):  # A new field must say where it belongs.
+        config_lib._option(1, "A flag without its facts.", role=config_lib.HPARAM)
+
+
 def test_the_trust_flags_take_their_whole_ranges():
     """The edges that mean something: any drop warned of, an accuracy of 1 asked for, no threshold."""
     for changes in ({"max_class_drop": 0.0}, {"target_accuracy": 1.0}, {"min_confidence": 0.0, "near_duplicate": 0.0}):

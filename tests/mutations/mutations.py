@@ -384,4 +384,22 @@ MUTATIONS = [
         new='measured=("test",)',
         tests=["tests/test_reports.py"],
     ),
+    dict(
+        id="seed_not_identity", concern="the run's identity (resume refuses another)",
+        what="--seed's role an hparam, not the run's identity: a resume with another seed is not refused",
+        file="engine/config.py",
+        old='seed: int = _option(42, "Seed for initialisation, shuffling and dropout.", group=OPTIMISATION, role=IDENTITY)',
+        new='seed: int = _option(42, "Seed for initialisation, shuffling and dropout.", group=OPTIMISATION, role=HPARAM)',
+        tests=["tests/test_launch.py"],
+        k="bad_input_is_one_line",
+    ),
+    dict(
+        id="smoothing_range_open", concern="a flag's own check",
+        what="--label_smoothing's check lost: 1.0 (targets all uniform) accepted",
+        file="engine/config.py",
+        old="group=OPTIMISATION, role=IDENTITY, valid=fraction(),",
+        new="group=OPTIMISATION, role=IDENTITY,",
+        tests=["tests/test_launch.py", "tests/test_config.py"],
+        k="bad_input_is_one_line or bad_values",
+    ),
 ]

@@ -15,6 +15,21 @@ import pytest
 from helpers import ROOT
 
 
+NOT_SHIPPED = ("tests", "scripts", "examples", "docs", "build", "dist")  # Folders of the checkout, not the package.
+
+
+def source_modules():
+    """The package's Python modules in the checkout, as paths below it: those at its top and in every
+    folder of modules below (a new sub-package included), but not the checkout's own folders."""
+    found = set()
+    for folder, folders, files in os.walk(ROOT):
+        relative = os.path.relpath(folder, ROOT)
+        folders[:] = [name for name in folders if not name.startswith((".", "__")) and not name.endswith(".egg-info")
+                      and (relative != "." or name not in NOT_SHIPPED)]
+        found |= {os.path.normpath(os.path.join(relative, name)) for name in files if name.endswith(".py")}
+    return found
+
+
 def _built_wheel(folder):
     """pip's wheel of a copy of the checkout (a build writes build/ and *.egg-info into its source tree)."""
     source = os.path.join(folder, "source")
@@ -47,8 +62,8 @@ def test_the_wheel_installs_in_a_fresh_virtualenv_and_runs_the_main_job_from_any
     wheel = _built_wheel(tmp_path / "dist")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {name.split("/")[0] for name in names} == {"transfer_engine", "transfer_engine-0.1.0.dist-info"}
-    for module in ("launch", "api", "internals", "errors", "engine/training", "models/imagenet", "data/sources"):
-        assert f"transfer_engine/{module}.py" in names, module
+    modules = {name.removeprefix("transfer_engine/") for name in names if name.endswith(".py")}
+    assert modules == source_modules(), "setup.cfg's packages miss (or add) a module of the checkout"
     for shipped in ("configs/frozen.flags", "configs/compare.flags", "configs/cats_vs_dogs/frozen.flags",
                     "models/pretrained/mobilenet_v2_0.35_96_fmnist7.weights.h5",
                     "data/fashion_mnist_sample/train-images-idx3-ubyte.gz"):

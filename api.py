@@ -22,7 +22,7 @@ import tensorflow as tf
 from transfer_engine.data import pipeline
 from transfer_engine.engine import config as config_lib
 from transfer_engine.engine import jobs
-from transfer_engine.engine.predict import answer, top_classes
+from transfer_engine.engine.jobs.predict import answer, top_classes
 from transfer_engine.errors import ConfigError, UsageError  # noqa: F401  Part of the API.
 
 _logging_configured = False

@@ -76,9 +76,11 @@ CHECKED = {"keras": "3.15.1", "tensorflow": "2.21.0", "tensorflow_datasets": "4.
 _INSTALLED = {"keras": keras.__version__, "tensorflow": tf.__version__, "tensorflow_datasets": tfds.__version__}
 
 
-# Where this project's modules are: its top-level modules and its packages (setup.cfg's), no deeper.
+# Where this project's modules are: its top-level modules and its packages, sub-packages included (each
+# folder of engine/, models/ and data/ with an __init__.py; not their data folders).
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PROJECT_DIRS = frozenset([ROOT] + [os.path.join(ROOT, package) for package in ("engine", "models", "data")])
+PROJECT_DIRS = frozenset([ROOT] + [folder for package in ("engine", "models", "data")
+                                   for folder, _, files in os.walk(os.path.join(ROOT, package)) if "__init__.py" in files])
 
 
 def _from_this_project(record):

@@ -141,7 +141,7 @@ def to_channels(images, channels):
 
 def memory_budget(gigabytes, share):
     """A cache's budget in bytes: `gigabytes` (a --*_max_gb flag) if given, else 1/`share` of this machine's
-    memory (the image cache's and the feature cache's, engine/assembly.py and engine/feature_cache.py)."""
+    memory (the image cache's and the feature cache's, engine/core/assembly.py and engine/core/feature_cache.py)."""
     if gigabytes is not None:
         return int(gigabytes * 1e9)
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // share

@@ -51,7 +51,7 @@ class Source:
     def __init__(self, *, name, class_names, channels, label_subset, contents, num_files):
         self.name = name
         # What the source holds, in short (a folder's names, sizes and times; a TFDS dataset's version), and
-        # how many files: in --cache names and a run's record (engine/run_dir.py), so that changed data is
+        # how many files: in --cache names and a run's record (engine/core/run_dir.py), so that changed data is
         # never read as the old nor mixed into a run begun on it.
         self.contents = contents
         self.num_files = num_files

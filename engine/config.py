@@ -457,7 +457,7 @@ def _flags(**wanted):
 # --help's groups, and docs/flags.md's (flag_reference): (title, page, flags), from the fields.
 FLAG_GROUPS = tuple((group.title, group.page, _flags(group=group)) for group in GROUPS)
 RUN_MODEL_FLAGS = _flags(role=RUN_MODEL)
-IDENTITY_FLAGS = _flags(role=(RUN_MODEL, IDENTITY))  # engine/run_dir.py's check_compatible.
+IDENTITY_FLAGS = _flags(role=(RUN_MODEL, IDENTITY))  # engine/core/run_dir.py's check_compatible.
 HPARAM_FLAGS = _flags(role=(RUN_MODEL, IDENTITY, HPARAM))
 
 

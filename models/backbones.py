@@ -72,7 +72,7 @@ def efficientnet_lite0(input_shape=(224, 224, 3), weights=None, alpha=1.0, *, in
     """EfficientNet-Lite0: EfficientNet-B0 without squeeze-and-excitation, with ReLU6 (what quantizes to
     int8 well: the standard on-device backbone), built by Keras' own EfficientNet builder, whose input
     layers scale pixels as Lite's weights expect, (pixel - 127) / 128. Without stochastic depth, so the
-    network is one deterministic function: a frozen part of it can be cached (engine/feature_cache.py).
+    network is one deterministic function: a frozen part of it can be cached (engine/core/feature_cache.py).
     `include_top` keeps the ImageNet classifier (1000 logits) that comes with `weights="imagenet"`."""
     del alpha  # Fixed width.
     builder, stages = internals.efficientnet_builder()

@@ -31,7 +31,7 @@ class Mode:
     batchnorm_trains: str  # ALWAYS, NEVER or BY_FLAG.
     head_first: bool = False  # Staged: the frozen mode for the first --head_epochs epochs.
     # The layers below the lowest one that trains never change and, without augmentation, neither do
-    # their inputs: their output per example can be computed once (engine/feature_cache.py).
+    # their inputs: their output per example can be computed once (engine/core/feature_cache.py).
     feature_cache: bool = False
 
     def stage(self, epoch, head_epochs):

@@ -72,7 +72,7 @@ import json, sys
 sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]
 from transfer_engine import internals
 import tensorflow as tf
-from transfer_engine.engine import distribute
+from transfer_engine.engine.core import distribute
 from helpers import step_with_an_overflow_on_one_replica
 if {args.cpu_replicas} > 1:
     distribute.split_cpu({args.cpu_replicas})

@@ -25,7 +25,7 @@ def pytest_configure(config):
     (not in pytest-xdist's controller, which only hands them out)."""
     if hasattr(config, "workerinput") or config.getoption("dist", "no") == "no":
         from transfer_engine import internals  # noqa: F401  First: TensorFlow's process defaults, as launch.py runs with them.
-        from transfer_engine.engine import distribute
+        from transfer_engine.engine.core import distribute
 
         distribute.split_cpu(2)  # Before TensorFlow initialises its devices.
 
@@ -102,7 +102,7 @@ def mode_runs(data_dir, pretrained_run, tmp_path_factory):
     """--job=compare's folder of one tiny config (from the pretrained run, BatchNorm training where the
     backbone trains, dropout, a staged switch): a run per mode, scratch, frozen, finetune, staged and lora,
     made once per session for the tests that only read them (one that changes a run copies it first)."""
-    from transfer_engine.engine import compare
+    from transfer_engine.engine.jobs import compare
     from helpers import replace, shared, tiny_config
 
     config = tiny_config(data_dir=data_dir, job="compare", weights=pretrained_run, unfreeze=2, bn="train",

@@ -70,10 +70,10 @@ def launch(*args, env=None, timeout=600):
 
 
 def stopped_after_checkpoint(args, step, log, timeout=600):
-    """Starts launch.py `args` with engine/checkpoints.py's test cue: it stops itself (SIGSTOP) right after
+    """Starts launch.py `args` with engine/core/checkpoints.py's test cue: it stops itself (SIGSTOP) right after
     writing its first checkpoint at `step` or later. Returns the Popen once it is stopped there; its output
     goes to the file `log` (a full pipe would block it before the cue), which `output(process)` reads."""
-    from transfer_engine.engine.checkpoints import STOP_AFTER_CHECKPOINT
+    from transfer_engine.engine.core.checkpoints import STOP_AFTER_CHECKPOINT
 
     with open(log, "w") as file:
         process = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
@@ -165,7 +165,7 @@ def on_two_simulated_gpus(code, timeout=300):
         "from transfer_engine import internals",
         "import tensorflow as tf",
         "from tensorflow.python.distribute import mirrored_run, mirrored_strategy",
-        "from transfer_engine.engine import distribute",
+        "from transfer_engine.engine.core import distribute",
         "distribute.split_cpu(2)",
         "mirrored_run._is_gpu_device = mirrored_strategy._is_gpu_device = lambda device: True",
         "strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])",
@@ -201,7 +201,7 @@ def hparams_rows(logdir):
 
 def train_run(config, model_dir):
     """Runs the train job in-process into `model_dir`; returns results.json as a dict."""
-    from transfer_engine.engine import training
+    from transfer_engine.engine.jobs import training
 
     return training.train(replace(config, model_dir=str(model_dir)))
 
@@ -222,8 +222,8 @@ def step_with_an_overflow_on_one_replica(strategy, jit_compile=False):
     import keras
     import numpy as np
 
-    from transfer_engine.engine.optimizer import make_optimizer
-    from transfer_engine.engine.trainer import Trainer
+    from transfer_engine.engine.core.optimizer import make_optimizer
+    from transfer_engine.engine.core.steps import Trainer
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:

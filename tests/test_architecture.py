@@ -1,7 +1,7 @@
 """The shape of the code: the project's own imports point one way, with no circle.
 
-    launch -> engine (jobs -> train, compare, benchmark -> loop, trainer, feature cache -> assembly)
-           -> models, data -> internals -> errors
+    launch, api -> engine.jobs -> engine.reports -> engine.core -> engine.config -> engine.maths
+                -> models, data -> internals, startup -> errors
 
 Read from the source with `ast` (every import, function-level ones included), so it needs nothing
 installed and fails before a circle is ever imported.
@@ -14,22 +14,24 @@ from helpers import ROOT
 
 PACKAGE = "transfer_engine"  # Every import names the project's modules below it.
 PACKAGES = ("engine", "models", "data")
-TOP_LEVEL = ("launch", "errors", "internals")
+TOP_LEVEL = ("launch", "api", "errors", "internals", "startup")
 
 
 def project_modules():
-    """{module name: path} of every Python module of the project (tests excluded)."""
+    """{module name: path} of every Python module of the project (tests excluded), sub-packages included."""
     modules = {name: os.path.join(ROOT, f"{name}.py") for name in TOP_LEVEL}
     for package in PACKAGES:
-        for file in sorted(os.listdir(os.path.join(ROOT, package))):
-            if file.endswith(".py"):
-                name = package if file == "__init__.py" else f"{package}.{file[:-3]}"
-                modules[name] = os.path.join(ROOT, package, file)
+        for folder, folders, files in os.walk(os.path.join(ROOT, package)):
+            folders[:] = sorted(name for name in folders if not name.startswith(("_", ".")))
+            dotted = os.path.relpath(folder, ROOT).replace(os.sep, ".")
+            for file in sorted(files):
+                if file.endswith(".py"):
+                    modules[dotted if file == "__init__.py" else f"{dotted}.{file[:-3]}"] = os.path.join(folder, file)
     return modules
 
 
 def _unprefixed(name):
-    """A module's name in the checkout: transfer_engine.engine.loop is engine.loop."""
+    """A module's name in the checkout: transfer_engine.engine.core.loop is engine.loop."""
     return name.removeprefix(PACKAGE + ".")
 
 
@@ -105,16 +107,44 @@ def test_no_import_circle():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
+# The layers, highest first: a module imports from its own layer or those below, never from one above.
+LAYERS = (("launch", "api"), ("engine.jobs",), ("engine.reports",), ("engine.core",), ("engine.config",),
+          ("engine.maths",), ("engine", "models", "data"), ("internals", "startup"), ("errors",))
+
+
+def layer(name):
+    """The index in LAYERS of module `name` (the longest prefix that names a layer)."""
+    matches = [(len(prefix), index) for index, names in enumerate(LAYERS) for prefix in names
+               if name == prefix or name.startswith(prefix + ".")]
+    assert matches, f"{name} is in no layer of tests/test_architecture.py"
+    return max(matches)[1]
+
+
 def test_dependencies_point_one_way():
     graph = import_graph()
+    upward = sorted((name, module) for name, imported in graph.items() for module in imported
+                    if layer(module) < layer(name))
+    assert upward == [], "imports from a higher layer: " + ", ".join(f"{a} -> {b}" for a, b in upward)
     for name, imported in graph.items():
         if name.startswith(("models", "data")):
             assert not any(module.startswith("engine") for module in imported), (name, sorted(imported))
-        assert "launch" not in imported, name
     assert graph["errors"] == set(), "errors.py is the leaf: it imports nothing from the project"
-    assert graph["internals"] == {"errors"}
-    below_jobs = [name for name in graph if name not in ("launch", "engine.jobs")]
-    assert [name for name in below_jobs if "engine.jobs" in graph[name]] == []
+    assert graph["internals"] == {"errors", "startup"} and graph["startup"] == set()
+    assert [name for name in graph if "engine.jobs" in graph[name] and name not in ("launch", "api")] == []
+
+
+def test_the_maths_is_numpy_alone():
+    """engine/maths/ is the numpy of calibration and inspection: no TensorFlow, no files; the modules that
+    draw and write (engine/reports/, engine/jobs/) call it."""
+    for name, path in project_modules().items():
+        if name.startswith("engine.maths."):
+            with open(path) as f:
+                tree = ast.parse(f.read(), path)
+            imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                        for alias in node.names}
+            imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                         if isinstance(node, ast.ImportFrom) and node.module}
+            assert imported <= {"numpy", "dataclasses", "math", "collections"}, (name, imported)
 
 
 # Library internals have one door, internals.py (startup.py for absl's flag-file hook, before TensorFlow).

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from transfer_engine.engine import export
-from transfer_engine.engine.run_dir import RunDir
+from transfer_engine.engine.jobs import export
+from transfer_engine.engine.core.run_dir import RunDir
 from helpers import ROOT, launch_in_process, train_run
 
 # Run in a fresh interpreter with this project's modules blocked (an editable install would find them):
@@ -234,7 +234,7 @@ def write_images(folder):
 
 def test_predict_searches_a_folder_for_the_images_a_folder_dataset_reads(tmp_path):
     from transfer_engine.data import sources
-    from transfer_engine.engine.predict import find_images
+    from transfer_engine.engine.jobs.predict import find_images
 
     for path in ("cat/0.jpg", "cat/2019/1.PNG", "dog/0.gif", "dog/notes.txt", "cat/.DS_Store", "dog/._0.gif",
                  ".ipynb_checkpoints/cat-checkpoint.jpg", "cat/.ipynb_checkpoints/0-checkpoint.jpg"):

@@ -14,8 +14,8 @@ from keras.src.backend import config as keras_config
 from keras.src.legacy.saving import legacy_h5_format  # The format of Keras' published weight files.
 
 from transfer_engine.errors import ConfigError
-from transfer_engine.engine.optimizer import make_optimizer
-from transfer_engine.engine.trainer import Trainer
+from transfer_engine.engine.core.optimizer import make_optimizer
+from transfer_engine.engine.core.steps import Trainer
 from transfer_engine.models import trainability
 from transfer_engine.models.architectures import ARCHITECTURES
 from transfer_engine.models.backbones import BACKBONES

@@ -1,4 +1,4 @@
-"""engine/benchmark.py: what --job=benchmark measures and writes (figures and their relations, never
+"""engine/jobs/benchmark.py: what --job=benchmark measures and writes (figures and their relations, never
 speed: timings live in the benchmark itself)."""
 
 import itertools
@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from transfer_engine.engine import benchmark
+from transfer_engine.engine.jobs import benchmark
 
 
 @pytest.mark.longest
@@ -82,8 +82,8 @@ def test_the_tutorials_model_trains_what_the_engine_trains_from_the_same_weights
     variables, same outputs in inference, on images the tutorials' pipeline prepares."""
     import numpy as np
 
-    from transfer_engine.engine import assembly
-    from transfer_engine.engine.trainer import Stages
+    from transfer_engine.engine.core import assembly
+    from transfer_engine.engine.core.steps import Stages
 
     run = assembly.build(tiny(mode="finetune", unfreeze=2, weights=pretrained_run, model_dir=str(tmp_path),
                               dropout=0.2, eval_split="", test_split=""))

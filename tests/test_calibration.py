@@ -1,10 +1,10 @@
-"""engine/calibration.py: a temperature that undoes over-confidence, the calibration error it lowers, and
+"""engine/maths/calibration.py: a temperature that undoes over-confidence, the calibration error it lowers, and
 the risk-coverage curve's threshold for a target accuracy."""
 
 import numpy as np
 import pytest
 
-from transfer_engine.engine import calibration
+from transfer_engine.engine.maths import calibration
 
 
 def _calibrated_logits(rng, count=4000, classes=5):
@@ -53,7 +53,7 @@ def test_the_risk_coverage_curve_and_its_threshold():
 
 
 def test_a_sigmoid_models_logit_calibrates_as_two_softmax_logits():
-    from transfer_engine.engine import confidence
+    from transfer_engine.engine.reports import confidence
 
     z = np.array([[2.0], [-1.0]])
     two = confidence.two_or_more(z)
@@ -75,7 +75,7 @@ def test_calibration_error_bins_and_ties_at_their_edges():
 
 def test_the_temperature_comes_from_the_eval_split_alone():
     """measure() fits on eval and only measures test: test logits four times less sure change nothing."""
-    from transfer_engine.engine import confidence
+    from transfer_engine.engine.reports import confidence
 
     rng = np.random.default_rng(2)
     logits, labels = _calibrated_logits(rng)
@@ -86,7 +86,7 @@ def test_the_temperature_comes_from_the_eval_split_alone():
 
 
 def test_unknown_is_below_min_confidence_not_at_it():
-    from transfer_engine.engine.predict import answer
+    from transfer_engine.engine.jobs.predict import answer
 
     assert answer(["a", "b"], [0.5, 0.5], 0.5) == "a"
     assert answer(["a", "b"], [0.4999, 0.5001], 0.5) == "unknown"

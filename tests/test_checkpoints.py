@@ -1,4 +1,4 @@
-"""engine/checkpoints.py and the loop's guards: exact resume after SIGKILL, preemption by SIGTERM,
+"""engine/core/checkpoints.py and the loop's guards: exact resume after SIGKILL, preemption by SIGTERM,
 checkpoints never half-written, divergence, determinism.
 
 The reference is one uninterrupted run; interrupted and resumed runs of the same command must end with
@@ -69,7 +69,7 @@ def _checkpoint_steps(model_dir):
 
 def _interrupt(args, model_dir, sig, at_step):
     """Starts launch.py, which stops itself right after its checkpoint at `at_step` (the test cue of
-    engine/checkpoints.py), sends it `sig`, lets it go on and waits for it: the state the signal finds is
+    engine/core/checkpoints.py), sends it `sig`, lets it go on and waits for it: the state the signal finds is
     known, whatever the machine's speed. Returns the process (`output(process)`: what it printed)."""
     process = stopped_after_checkpoint(args, at_step, f"{model_dir}.log")
     process.send_signal(sig)
@@ -224,7 +224,7 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
                          r"checkpoint: (\S+) \(lower --learning_rate, or check the data\)", errors[0])
     assert match and len(errors) == 1, stderr[-3000:]
     first_bad, last_good = int(match.group(1)), match.group(3)
-    from transfer_engine.engine.loop import NAN_PATIENCE
+    from transfer_engine.engine.core.loop import NAN_PATIENCE
     assert int(match.group(2)) == first_bad + NAN_PATIENCE - 1, "the range names the calls that failed, one step each"
     # The newest checkpoint whose weights a later call ran with a finite loss: from before step first_bad - 1.
     proven = max(step for step in _checkpoint_steps(model_dir) if step < first_bad - 1)
@@ -246,7 +246,7 @@ def test_the_same_seed_gives_identical_results(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_early_stopping_stops_when_patience_runs_out_and_keep_best_reports_the_best_epoch(tiny, tmp_path):
-    from transfer_engine.engine.run_dir import RunDir
+    from transfer_engine.engine.core.run_dir import RunDir
     from helpers import digest_tree
 
     run = tmp_path / "run"

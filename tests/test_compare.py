@@ -1,4 +1,4 @@
-"""engine/compare.py: --job=compare trains every mode in its own directory and reports them side by
+"""engine/jobs/compare.py: --job=compare trains every mode in its own directory and reports them side by
 side (table and plot); a mode that fails is reported and the others still run."""
 
 import json
@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from transfer_engine.engine import compare
+from transfer_engine.engine.jobs import compare
 from transfer_engine.engine.config import Config, validate
 from transfer_engine.errors import ConfigError
 from helpers import hparams_rows, launch, launch_in_process, tiny_flags
@@ -125,7 +125,7 @@ def test_compare_on_two_replicas_runs_every_mode_with_collective_all_reduces(tin
 
 def test_three_hundred_classes_draw_the_most_confused_and_tabulate_per_class_rows():
     """A run's end costs seconds at any class count: 200 classes drew a 20141x19976-pixel confusion.png."""
-    from transfer_engine.engine import confusion
+    from transfer_engine.engine.reports import confusion
 
     classes = [f"class {k}" for k in range(300)]
     counts = np.diag(np.full(300, 10))

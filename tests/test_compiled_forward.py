@@ -1,4 +1,4 @@
-"""engine/compiled_forward.py: fused BatchNorm and frozen weights as constants compute what Keras' own
+"""engine/core/compiled_forward.py: fused BatchNorm and frozen weights as constants compute what Keras' own
 call computes, update what it updates, and leave nothing behind outside the engine's traced steps."""
 
 import keras
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from transfer_engine.engine.compiled_forward import CompiledForward
-from transfer_engine.engine.optimizer import make_optimizer
-from transfer_engine.engine.trainer import Trainer
+from transfer_engine.engine.core.compiled_forward import CompiledForward
+from transfer_engine.engine.core.optimizer import make_optimizer
+from transfer_engine.engine.core.steps import Trainer
 from transfer_engine.internals import fused_batch_norm
 from helpers import one_device, two_devices
 from transfer_engine.models import trainability

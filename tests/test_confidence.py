@@ -26,7 +26,8 @@ def _class_folder(folder, label, count):
 
 @pytest.mark.slow  # Trains 3 epochs on 4,200 images (about 25 s).
 def test_a_held_out_class_is_mostly_rejected_as_unknown_and_predict_agrees(tiny, tmp_path):
-    from transfer_engine.engine import calibration, predict, training
+    from transfer_engine.engine.maths import calibration
+    from transfer_engine.engine.jobs import predict, training
 
     unknown = _class_folder(tmp_path / "t_shirts", 0, 200)  # Trained on seven classes, not T-shirt/top.
     config = tiny(label_subset=(1, 2, 3, 5, 7, 8, 9), train_split="train[:10%]", eval_split="test[:2000]",

@@ -10,7 +10,7 @@ import pytest
 from transfer_engine.engine import config as config_lib
 from transfer_engine.engine.config import Config, validate
 from transfer_engine.errors import ConfigError
-from transfer_engine.engine.run_dir import read_flagfile_text
+from transfer_engine.engine.core.run_dir import read_flagfile_text
 from helpers import ROOT
 
 

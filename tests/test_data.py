@@ -342,7 +342,7 @@ def test_a_folder_dataset_has_classes_splits_and_skips_a_corrupt_image(tiny, tmp
 
 @pytest.mark.slow  # Trains or decodes for several seconds: the fast tier stays within a minute.
 def test_a_folder_without_split_flags_trains_evaluates_and_tests_on_an_80_10_10_cut(tiny, tmp_path, caplog):
-    from transfer_engine.engine.run_dir import read_flagfile
+    from transfer_engine.engine.core.run_dir import read_flagfile
     from helpers import digest_tree, launch_in_process, tiny_flags
 
     _write_folder(tmp_path / "images", per_class=20)
@@ -733,7 +733,7 @@ def test_a_changed_folder_gets_a_new_file_cache_and_the_same_folder_reuses_it(ti
 def test_a_first_run_waits_for_another_preparing_the_dataset_and_reads_what_it_prepared(tmp_path):
     """Two first runs at once on a fresh machine: while another holds the preparation's lock, a run waits,
     then reads what the other prepared (its splits too) instead of preparing it again and failing."""
-    from transfer_engine.engine.run_dir import read_flagfile
+    from transfer_engine.engine.core.run_dir import read_flagfile
     from helpers import ROOT, tiny_config, tiny_flags
 
     data_dir = tmp_path / "tfds"

@@ -7,7 +7,7 @@ import subprocess
 import keras
 import pytest
 
-from transfer_engine.engine.checkpoints import damage
+from transfer_engine.engine.core.checkpoints import damage
 from helpers import launch, launch_in_process, tiny_config, tiny_flags
 
 pytestmark = pytest.mark.slow

@@ -1,10 +1,10 @@
-"""engine/distribute.py: strategy, precision and XLA decisions on a CPU-only machine."""
+"""engine/core/distribute.py: strategy, precision and XLA decisions on a CPU-only machine."""
 
 import keras
 import pytest
 import tensorflow as tf
 
-from transfer_engine.engine import distribute
+from transfer_engine.engine.core import distribute
 from transfer_engine.errors import ConfigError
 from helpers import tiny_config
 

@@ -1,4 +1,4 @@
-"""The divergence guard (engine/loop.py): an exploded or non-finite loss stops the run (exit 3), and the
+"""The divergence guard (engine/core/loop.py): an exploded or non-finite loss stops the run (exit 3), and the
 checkpoint it names as the last good one restores to finite predictions."""
 
 import math
@@ -61,7 +61,7 @@ def test_no_checkpoint_is_saved_while_a_variable_is_not_finite():
 
     import keras
 
-    from transfer_engine.engine import loop
+    from transfer_engine.engine.core import loop
     from transfer_engine.errors import Diverged
 
     saved = []

@@ -3,7 +3,7 @@ model's, and the classes that lose more than --max_class_drop points, on planted
 
 import numpy as np
 
-from transfer_engine.engine.export import class_accuracy, class_drops, drop_warning, format_table
+from transfer_engine.engine.jobs.export import class_accuracy, class_drops, drop_warning, format_table
 
 NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress"]
 

@@ -1,4 +1,4 @@
-"""engine/feature_cache.py: training on the cached output of the frozen lower part is training through
+"""engine/core/feature_cache.py: training on the cached output of the frozen lower part is training through
 the live model, done once per example; the cut is below every layer that trains and never inside a
 residual block."""
 
@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from transfer_engine.engine import assembly, feature_cache
+from transfer_engine.engine.core import assembly, feature_cache
 from helpers import load_weights_file, replace, train_run
 from transfer_engine.models import trainability
 from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier

@@ -1,4 +1,4 @@
-"""engine/inspection.py: planted duplicates are all found; flipped labels rank among the top suspects."""
+"""engine/maths/inspection.py: planted duplicates are all found; flipped labels rank among the top suspects."""
 
 from dataclasses import replace
 import json
@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from transfer_engine.engine import inspection
+from transfer_engine.engine.maths import inspection
 
 
 def _clusters(rng, per_class=200, classes=4, dim=32):
@@ -80,7 +80,7 @@ def test_inspect_reports_every_planted_copy_and_ranks_flipped_labels_first(tiny,
 
     import tensorflow as tf
 
-    from transfer_engine.engine import inspect, training
+    from transfer_engine.engine.jobs import inspect, training
 
     rng = np.random.default_rng(0)
     root = tmp_path / "photos"

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from transfer_engine import internals
-from transfer_engine.engine.optimizer import make_optimizer
+from transfer_engine.engine.core.optimizer import make_optimizer
 from transfer_engine.errors import UnsupportedLibrary
 from helpers import ROOT, two_devices
 from transfer_engine.models import trainability

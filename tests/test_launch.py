@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from transfer_engine.data import sources
-from transfer_engine.engine.run_dir import read_flagfile
+from transfer_engine.engine.core.run_dir import read_flagfile
 from helpers import ROOT, digest_tree, launch, launch_in_process, load_weights_file, tiny_config, tiny_flags, train_run
 from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier
 
@@ -515,7 +515,7 @@ def test_the_log_keeps_this_projects_info_lines_and_only_libraries_warnings():
     from transfer_engine import internals
 
     site = "lib/python3.11/site-packages/tensorflow/python/checkpoint/sharding/sharding_util.py"
-    for ours in ("launch.py", "internals.py", "engine/loop.py", "data/sources.py", "models/classifier.py"):
+    for ours in ("launch.py", "internals.py", "engine/core/loop.py", "data/sources.py", "models/classifier.py"):
         assert internals._from_this_project(_record(os.path.join(ROOT, ours), std_logging.INFO)), ours
     for library in (f"{ROOT}-venv/{site}", f"{ROOT}/venv/{site}", f"{ROOT}/engine-venv/{site}", f"/usr/{site}"):
         assert not internals._from_this_project(_record(library, std_logging.INFO)), library

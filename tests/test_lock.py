@@ -1,4 +1,4 @@
-"""One run per --model_dir at a time: engine/run_dir.py's lock, in one process and across processes."""
+"""One run per --model_dir at a time: engine/core/run_dir.py's lock, in one process and across processes."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from transfer_engine.engine.run_dir import LOCK, RunDir
+from transfer_engine.engine.core.run_dir import LOCK, RunDir
 from transfer_engine.errors import ConfigError
 from helpers import ROOT, launch, stopped_after_checkpoint, tiny_config, tiny_flags
 

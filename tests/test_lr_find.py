@@ -1,11 +1,11 @@
-"""engine/lr_find.py: the learning-rate range test."""
+"""engine/jobs/lr_find.py: the learning-rate range test."""
 
 import json
 
 import numpy as np
 import pytest
 
-from transfer_engine.engine import lr_find
+from transfer_engine.engine.jobs import lr_find
 from helpers import digest_tree, launch_in_process, tiny_flags, train_run
 
 

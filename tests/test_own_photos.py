@@ -12,8 +12,8 @@ import skimage.data
 import tensorflow as tf
 
 from transfer_engine.data import sources
-from transfer_engine.engine import assembly
-from transfer_engine.engine.assembly import trained_image_size
+from transfer_engine.engine.core import assembly
+from transfer_engine.engine.core.assembly import trained_image_size
 from helpers import launch_in_process, replace, tiny_flags, train_run
 from transfer_engine.models import imagenet
 
@@ -71,7 +71,7 @@ def test_the_test_s_highest_losses_are_drawn_and_listed_after_training_and_evalu
 
 
 def test_each_picture_is_titled_with_its_true_and_predicted_class():
-    from transfer_engine.engine import top_losses
+    from transfer_engine.engine.reports import top_losses
 
     mistakes = [top_losses.Mistake(index=4, loss=1.234, label=0, predicted=1, probability=0.8),
                 top_losses.Mistake(index=2, loss=0.1, label=1, predicted=1, probability=0.9)]
@@ -96,9 +96,10 @@ def _folder(root, counts, broken=None):
 @pytest.mark.parametrize("broken", [None, "dog"])
 def test_top_losses_name_files_only_where_the_names_are_exact(tiny, tmp_path, broken):
     """Names follow the split as read; an undecodable image shifts the decoded ones, so then only positions."""
-    from transfer_engine.engine import predictions, reports
-    from transfer_engine.engine.run_dir import RunDir
-    from transfer_engine.engine.trainer import Stages
+    from transfer_engine.engine.reports import predictions
+    from transfer_engine.engine import reports
+    from transfer_engine.engine.core.run_dir import RunDir
+    from transfer_engine.engine.core.steps import Stages
 
     _folder(tmp_path / "photos", {"cat": 12, "dog": 12}, broken=broken)
     config = tiny(dataset=f"folder:{tmp_path / 'photos'}", label_subset=(), train_split="train", eval_split="",

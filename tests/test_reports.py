@@ -1,4 +1,4 @@
-"""What a finished run reports (engine/reports.py, engine/predictions.py): results.json's schema, and
+"""What a finished run reports (engine/reports/__init__.py, engine/reports/predictions.py): results.json's schema, and
 --job=evaluate writing what --job=train wrote for the same checkpoint."""
 
 import dataclasses
@@ -28,7 +28,7 @@ def documented_keys():
 
 
 def test_results_json_is_the_results_dataclass_and_the_docs_list_every_key(pretrained_run):
-    from transfer_engine.engine.training import Results
+    from transfer_engine.engine.jobs.training import Results
 
     fields = [field.name for field in dataclasses.fields(Results)]
     results = read_json(os.path.join(pretrained_run, "results.json"))

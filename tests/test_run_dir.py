@@ -1,11 +1,11 @@
-"""engine/run_dir.py's file writes: atomic (the old file or the new one, never half) and durable (synced
+"""engine/core/run_dir.py's file writes: atomic (the old file or the new one, never half) and durable (synced
 before the rename, the folder after)."""
 
 import os
 
 import pytest
 
-from transfer_engine.engine.run_dir import replace_atomic, write_atomic
+from transfer_engine.engine.core.run_dir import replace_atomic, write_atomic
 
 
 def test_a_write_that_fails_leaves_the_earlier_file_whole_and_no_temporary(tmp_path):

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from transfer_engine.engine import assembly
+from transfer_engine.engine.core import assembly
 from transfer_engine.errors import ConfigError
-from transfer_engine.engine.optimizer import make_optimizer
-from transfer_engine.engine.trainer import Stages
+from transfer_engine.engine.core.optimizer import make_optimizer
+from transfer_engine.engine.core.steps import Stages
 from helpers import load_weights_file, train_run
 from transfer_engine.models import trainability
 from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier
@@ -231,7 +231,7 @@ def test_backbone_learning_rate_multiplier_scales_backbone_updates_only():
 
 @pytest.mark.slow  # Builds two runs.
 def test_a_run_gives_backbone_lr_mult_to_the_backbone_alone(tiny, tmp_path):
-    """The wiring of --backbone_lr_mult (engine/assembly.py): the same step moves the head as much at 0.5 as
+    """The wiring of --backbone_lr_mult (engine/core/assembly.py): the same step moves the head as much at 0.5 as
     at 1, and the backbone half as much."""
     moved = {}
     for multiplier in (1.0, 0.5):

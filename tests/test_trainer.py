@@ -1,4 +1,4 @@
-"""engine/trainer.py: the loss, replica-count invariance, steps_per_loop, mixed precision."""
+"""engine/core/steps.py: the loss, replica-count invariance, steps_per_loop, mixed precision."""
 
 import json
 import os
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from transfer_engine.engine import assembly
-from transfer_engine.engine.optimizer import learning_rate_schedule, make_optimizer
-from transfer_engine.engine.trainer import Trainer, balanced_class_weights, per_example_loss, summarize
+from transfer_engine.engine.core import assembly
+from transfer_engine.engine.core.optimizer import learning_rate_schedule, make_optimizer
+from transfer_engine.engine.core.steps import Trainer, balanced_class_weights, per_example_loss, summarize
 from helpers import default_strategy, one_device, replace, train_run, two_devices
 from transfer_engine.models import trainability
 from transfer_engine.models.classifier import BACKBONE_LAYER, build_classifier
@@ -226,11 +226,11 @@ def test_per_class_accuracy_and_the_confusion_matrix_are_exact_across_replicas_a
 
 
 def test_the_prediction_pass_gives_the_evaluations_figures_in_the_examples_order():
-    """engine/predictions.py: one pass keeps every example's logits and loss, in order, on 1 and 2 replicas
+    """engine/reports/predictions.py: one pass keeps every example's logits and loss, in order, on 1 and 2 replicas
     with padding; the loss, accuracy, per-class accuracy and confusion matrix from it are the distributed
-    evaluation's (engine/trainer.py), the numbers train and evaluate reported before the pass."""
+    evaluation's (engine/core/steps.py), the numbers train and evaluate reported before the pass."""
     from transfer_engine.data import pipeline
-    from transfer_engine.engine.predictions import Predictions, in_order
+    from transfer_engine.engine.reports.predictions import Predictions, in_order
 
     keras.utils.set_random_seed(3)
     model = build_classifier(backbone="small_cnn", image_size=8, channels=1, num_classes=3)
@@ -433,8 +433,8 @@ def test_xla_on_several_gpus_trains_and_skips_an_overflow_together():
     _assert_the_replicas_skipped_together(weights, scales, initial)
     trained = on_two_simulated_gpus(
         "import keras, numpy as np\n"
-        "from transfer_engine.engine.optimizer import make_optimizer\n"
-        "from transfer_engine.engine.trainer import Trainer\n"
+        "from transfer_engine.engine.core.optimizer import make_optimizer\n"
+        "from transfer_engine.engine.core.steps import Trainer\n"
         "with strategy.scope():\n"
         "    keras.utils.set_random_seed(1)\n"
         "    inputs = keras.Input((3,))\n"

@@ -23,7 +23,7 @@ MUTATIONS = [
     dict(
         id="confusion_transposed", concern="confusion matrix",
         what="confusion matrix returned transposed (rows = predicted)",
-        file="engine/trainer.py",
+        file="engine/core/steps.py",
         old='result["confusion_matrix"] = np.rint(totals[:, 3:]).astype(int).tolist()',
         new='result["confusion_matrix"] = np.rint(totals[:, 3:]).astype(int).T.tolist()',
         tests=["tests/test_trainer.py", "tests/test_launch.py"],
@@ -41,7 +41,7 @@ MUTATIONS = [
     dict(
         id="lr_mult_whole_model", concern="backbone learning-rate multiplier (wiring)",
         what="assembly gives the multiplier to every trained variable, head included",
-        file="engine/assembly.py",
+        file="engine/core/assembly.py",
         old="lr_multipliers={id(w): config.backbone_lr_mult for w in trained if id(w) in backbone},",
         new="lr_multipliers={id(w): config.backbone_lr_mult for w in trained},",
         tests=["tests/test_trainability.py", "tests/test_internals.py"],
@@ -50,7 +50,7 @@ MUTATIONS = [
     dict(
         id="smoothing_k_minus_1", concern="label smoothing",
         what="smoothing mass eps/(K-1) instead of eps/K",
-        file="engine/trainer.py",
+        file="engine/core/steps.py",
         old="targets = targets * (1 - label_smoothing) + label_smoothing / classes",
         new="targets = targets * (1 - label_smoothing) + label_smoothing / (classes - 1)",
         tests=["tests/test_trainer.py"],
@@ -59,7 +59,7 @@ MUTATIONS = [
     dict(
         id="class_weights_sum_one", concern="class weights",
         what="balanced weights normalised to sum 1 instead of mean 1",
-        file="engine/trainer.py",
+        file="engine/core/steps.py",
         old="return (inverse / inverse.mean()).astype(np.float32)",
         new="return (inverse / inverse.sum()).astype(np.float32)",
         tests=["tests/test_trainer.py"],
@@ -68,7 +68,7 @@ MUTATIONS = [
     dict(
         id="class_weights_mixed_by_label", concern="class weights (mixed labels)",
         what="a MixUp/CutMix example weighted by its unmixed label's weight",
-        file="engine/trainer.py",
+        file="engine/core/steps.py",
         old=("                loss *= (tf.gather(self.class_weights, labels) if targets is None\n"
              "                         else tf.linalg.matvec(tf.cast(targets, tf.float32), self.class_weights))"),
         new="                loss *= tf.gather(self.class_weights, labels)",
@@ -78,7 +78,7 @@ MUTATIONS = [
     dict(
         id="ema_not_evaluated", concern="EMA",
         what="evaluation does not swap in the moving averages",
-        file="engine/optimizer.py",
+        file="engine/core/optimizer.py",
         old=("    own = [variable.numpy() for variable, _ in pairs]\n"
              "    use_averaged_weights(optimizer, variables)\n"),
         new="    own = [variable.numpy() for variable, _ in pairs]\n",
@@ -88,7 +88,7 @@ MUTATIONS = [
     dict(
         id="ema_before_keep_best", concern="EMA with keep_best",
         what="averages put in before restore_best (which then overwrites them)",
-        file="engine/training.py",
+        file="engine/jobs/training.py",
         old=("    best_step = run.checkpoints.restore_best() if run.config.keep_best else None\n"
              "    if run.config.ema:\n"
              "        use_averaged_weights(run.optimizer, run.trained_variables)\n"),
@@ -101,7 +101,7 @@ MUTATIONS = [
     dict(
         id="early_stop_off_by_one", concern="early stopping",
         what="stops after patience+1 epochs without a rise (> instead of >=)",
-        file="engine/loop.py",
+        file="engine/core/loop.py",
         old="if patience and done == 0 and history and _epochs_since_best(history) >= patience:",
         new="if patience and done == 0 and history and _epochs_since_best(history) > patience:",
         tests=["tests/test_checkpoints.py"],
@@ -110,7 +110,7 @@ MUTATIONS = [
     dict(
         id="keep_best_every_epoch", concern="keep_best",
         what="every epoch saved as the best (no check that it raised the accuracy)",
-        file="engine/loop.py",
+        file="engine/core/loop.py",
         old=("            if on_best and _epochs_since_best(history) == 0:\n"
              "                on_best(epoch + 1)"),
         new=("            if on_best:\n"
@@ -121,7 +121,7 @@ MUTATIONS = [
     dict(
         id="accum_schedule_raw_steps", concern="gradient accumulation",
         what="LR schedule fed raw steps, not updates, under accumulation",
-        file="engine/optimizer.py",
+        file="engine/core/optimizer.py",
         old="        return self.schedule(step // self.accumulation)",
         new="        return self.schedule(step)",
         tests=["tests/test_trainer.py"],
@@ -130,7 +130,7 @@ MUTATIONS = [
     dict(
         id="saved_model_training_mode", concern="inference-mode artifacts",
         what="SavedModel's serve endpoint calls the model with training=True",
-        file="engine/export.py",
+        file="engine/jobs/export.py",
         old="lambda images: model(pipeline.to_channels(images, channels), training=False),",
         new="lambda images: model(pipeline.to_channels(images, channels), training=True),",
         tests=["tests/test_artifacts.py"],
@@ -161,7 +161,7 @@ MUTATIONS = [
     dict(
         id="lock_shared", concern="run lock",
         what="the run lock taken shared (LOCK_SH) instead of exclusive",
-        file="engine/run_dir.py",
+        file="engine/core/run_dir.py",
         old="fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)",
         new="fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)",
         tests=["tests/test_lock.py"],
@@ -170,7 +170,7 @@ MUTATIONS = [
     dict(
         id="write_not_atomic", concern="atomic writes",
         what="write_atomic writes the file in place (no temporary + rename)",
-        file="engine/run_dir.py",
+        file="engine/core/run_dir.py",
         old='    with _renamed_into(path) as partial, open(partial, "w", encoding="utf-8", errors="surrogateescape") as f:',
         new='    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:',
         tests=["tests/test_run_dir.py", "tests/test_disk_full.py"],
@@ -179,7 +179,7 @@ MUTATIONS = [
     dict(
         id="no_dir_fsync", concern="fsync",
         what="the folder is not fsynced after the rename",
-        file="engine/run_dir.py",
+        file="engine/core/run_dir.py",
         old="        _sync_file(os.path.dirname(os.path.abspath(path)))  # The rename itself, as databases do.\n",
         new="",
         tests=["tests/test_run_dir.py"],
@@ -188,7 +188,7 @@ MUTATIONS = [
     dict(
         id="divergence_bound_ignored", concern="divergence guard",
         what="only non-finite losses count as divergence (--loss_upper_bound ignored)",
-        file="engine/loop.py",
+        file="engine/core/loop.py",
         old="if np.isfinite(call_loss) and call_loss <= bound:",
         new="if np.isfinite(call_loss):",
         tests=["tests/test_divergence.py", "tests/test_checkpoints.py"],
@@ -215,7 +215,7 @@ MUTATIONS = [
     dict(
         id="cache_below_dropout", concern="feature cache",
         what="Dropout (random in training) allowed below the cut",
-        file="engine/feature_cache.py",
+        file="engine/core/feature_cache.py",
         old="if layer.trainable_weights or isinstance(layer, _RANDOM_LAYERS):",
         new="if layer.trainable_weights:",
         tests=["tests/test_feature_cache.py"],
@@ -242,7 +242,7 @@ MUTATIONS = [
     dict(
         id="loss_scale_local", concern="loss-scale agreement across replicas",
         what="each replica skips on its own overflow (agreed flag unused)",
-        file="engine/trainer.py",
+        file="engine/core/steps.py",
         old='return [g if g is None else tf.where(overflowed, tf.constant(float("nan"), g.dtype), g) for g in gradients]',
         new=('return [g if g is None else tf.where(tf.logical_not(finite), tf.constant(float("nan"), g.dtype), g) '
              'for g in gradients]'),
@@ -252,7 +252,7 @@ MUTATIONS = [
     dict(
         id="bn_variance_not_averaged", concern="BatchNorm statistics across replicas",
         what="only moving_mean averaged across replicas, not moving_variance",
-        file="engine/trainer.py",
+        file="engine/core/steps.py",
         old="for weight in (layer.moving_mean, layer.moving_variance)",
         new="for weight in (layer.moving_mean,)",
         tests=["tests/test_trainer.py"],
@@ -261,7 +261,7 @@ MUTATIONS = [
     dict(
         id="temperature_inverted", concern="calibration",
         what="fit_temperature returns 1/T",
-        file="engine/calibration.py",
+        file="engine/maths/calibration.py",
         old="        if converged:\n            break\n    return 1.0 / inverse",
         new="        if converged:\n            break\n    return inverse",
         tests=["tests/test_calibration.py", "tests/test_confidence.py"],
@@ -270,7 +270,7 @@ MUTATIONS = [
     dict(
         id="unknown_at_threshold", concern="unknown threshold (--min_confidence)",
         what="a top probability equal to --min_confidence answers unknown (> not >=)",
-        file="engine/predict.py",
+        file="engine/jobs/predict.py",
         old="return classes[0] if probabilities[0] >= min_confidence else UNKNOWN",
         new="return classes[0] if probabilities[0] > min_confidence else UNKNOWN",
         tests=["tests/test_calibration.py", "tests/test_confidence.py"],
@@ -279,7 +279,7 @@ MUTATIONS = [
     dict(
         id="duplicates_block_offset", concern="inspect's duplicates",
         what="near-duplicate search forgets the block's row offset",
-        file="engine/inspection.py",
+        file="engine/maths/inspection.py",
         old="keep = columns > rows + start",
         new="keep = columns > rows",
         tests=["tests/test_inspection.py"],
@@ -288,7 +288,7 @@ MUTATIONS = [
     dict(
         id="class_drop_at_limit", concern="export's per-class check",
         what="a class drop of exactly --max_class_drop is flagged (>= not >)",
-        file="engine/export.py",
+        file="engine/jobs/export.py",
         old="if round(100 * drop, 6) > max_drop:",
         new="if round(100 * drop, 6) >= max_drop:",
         tests=["tests/test_export_parity.py", "tests/test_artifacts.py"],
@@ -306,7 +306,7 @@ MUTATIONS = [
     dict(
         id="data_changed_by_name", concern="data-changed check",
         what="dataset.json compared by dataset name, not contents",
-        file="engine/run_dir.py",
+        file="engine/core/run_dir.py",
         old='if not began or began.get("contents") == source.contents:',
         new='if not began or began.get("dataset") == source.name:',
         tests=["tests/test_data.py"],
@@ -315,7 +315,7 @@ MUTATIONS = [
     dict(
         id="data_changed_by_count", concern="data-changed check (renames, rewrites)",
         what="dataset.json compared by image count only",
-        file="engine/run_dir.py",
+        file="engine/core/run_dir.py",
         old='if not began or began.get("contents") == source.contents:',
         new='if not began or began.get("files") == source.num_files:',
         tests=["tests/test_data.py"],
@@ -342,7 +342,7 @@ MUTATIONS = [
     dict(
         id="weight_decay_bn", concern="weight decay exclusions",
         what="weight decay excludes biases only (BatchNorm gamma/beta decayed)",
-        file="engine/optimizer.py",
+        file="engine/core/optimizer.py",
         old='optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])',
         new='optimizer.exclude_from_weight_decay(var_names=["bias"])',
         tests=["tests/test_trainability.py", "tests/test_internals.py"],
@@ -351,7 +351,7 @@ MUTATIONS = [
     dict(
         id="resume_resets_epoch_sums", concern="resume",
         what="a resumed mid-epoch run resets the epoch's running sums",
-        file="engine/loop.py",
+        file="engine/core/loop.py",
         old=("        if done == 0:\n"
              "            epoch_sums.assign(tf.zeros([3], tf.float64))"),
         new="        epoch_sums.assign(tf.zeros([3], tf.float64))",
@@ -361,7 +361,7 @@ MUTATIONS = [
     dict(
         id="pass_in_replica_order", concern="one prediction pass per split",
         what="the pass's outputs kept in the replicas' order, not put back in the examples' order",
-        file="engine/predictions.py",
+        file="engine/reports/predictions.py",
         old='order = np.argsort(positions, kind="stable")[np.sum(positions < 0):]',
         new="order = np.flatnonzero(positions >= 0)",
         tests=["tests/test_trainer.py"],
@@ -370,7 +370,7 @@ MUTATIONS = [
     dict(
         id="pass_confusion_transposed", concern="one prediction pass per split",
         what="the pass's confusion matrix counted with rows the predicted class",
-        file="engine/predictions.py",
+        file="engine/reports/predictions.py",
         old="np.add.at(confusion, (self.labels, self.predicted), 1)",
         new="np.add.at(confusion, (self.predicted, self.labels), 1)",
         tests=["tests/test_trainer.py", "tests/test_launch.py"],
@@ -379,7 +379,7 @@ MUTATIONS = [
     dict(
         id="evaluate_test_only", concern="evaluate reports what train reports",
         what="--job=evaluate reports the test split alone",
-        file="engine/jobs.py",
+        file="engine/jobs/evaluate.py",
         old='measured=("eval", "test")',
         new='measured=("test",)',
         tests=["tests/test_reports.py"],

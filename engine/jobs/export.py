@@ -6,7 +6,7 @@ the Keras model on the run's test split (the parity report, export.json).
     litert_int8   RUN/model_int8.tflite LiteRT full-integer, calibrated on CALIBRATION_IMAGES images of
                                         the train split; uint8 images at --image_size -> float logits
 
-Every artifact returns the model's logits; export.json records the run's temperature (engine/confidence.py):
+Every artifact returns the model's logits; export.json records the run's temperature (engine/reports/confidence.py):
 calibrated probabilities are softmax(logits / temperature). Every artifact runs the model in inference mode (BatchNorm on its moving statistics, no dropout). Keras
 writes all three (`ExportArchive`, `Model.export(format="litert")` with TensorFlow's TFLite converter);
 the LiteRT files are run here by the LiteRT interpreter (package ai-edge-litert), as a phone runs them,
@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from transfer_engine.data import pipeline, sources
-from transfer_engine.engine.run_dir import RunDir, replace_atomic
+from transfer_engine.engine.core.run_dir import RunDir, replace_atomic
 from transfer_engine.errors import ConfigError, RunError
 from transfer_engine import internals
 
@@ -60,7 +60,7 @@ def export(config):
         logging.info("Exported %s: %s (%s bytes)", name, path, f"{size_of(path):,}")
     report = parity(model, artifacts, config=config, source=source, class_names=class_names)
     # The artifacts return logits, the Keras model's exactly (the parity above): calibrated probabilities
-    # are softmax(logits / temperature), as --job=predict computes them (engine/confidence.py).
+    # are softmax(logits / temperature), as --job=predict computes them (engine/reports/confidence.py).
     report["temperature"] = (results.get("calibration") or {}).get("temperature", 1.0)
     run_dir.write_json("export.json", report)
     logging.info("Parity on %s (%d images):\n%s", config.test_split, report["test_examples"], format_table(report))

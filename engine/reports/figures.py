@@ -3,7 +3,7 @@ image in TensorBoard (logs/test), for confusion.png and top_losses.png."""
 
 import tensorflow as tf
 
-from transfer_engine.engine.run_dir import replace_atomic
+from transfer_engine.engine.core.run_dir import replace_atomic
 
 
 def new(*, figsize, rows=1, columns=1, layout=None, **options):

@@ -8,11 +8,14 @@ import time
 
 from absl import logging
 
-from transfer_engine.engine import assembly, confidence, feature_cache, inspect, loop, predictions, reports
-from transfer_engine.engine.optimizer import use_averaged_weights
+from transfer_engine.engine.core import assembly, feature_cache, loop
+from transfer_engine.engine.reports import confidence, predictions
+from transfer_engine.engine.jobs import inspect
+from transfer_engine.engine import reports
+from transfer_engine.engine.core.optimizer import use_averaged_weights
 from transfer_engine.engine.reports import fmt
-from transfer_engine.engine.run_dir import RunDir, replace_atomic
-from transfer_engine.engine.trainer import Stages
+from transfer_engine.engine.core.run_dir import RunDir, replace_atomic
+from transfer_engine.engine.core.steps import Stages
 from transfer_engine.models import trainability
 from transfer_engine.models.classifier import BACKBONE_LAYER
 
@@ -23,7 +26,7 @@ class Ready:
     feature cache their features), the cache, the stage schedule, and the weights before (the audit's)."""
 
     splits: dict
-    features: object  # engine/feature_cache.py's, or None.
+    features: object  # engine/core/feature_cache.py's, or None.
     stages: Stages
     before: dict
 
@@ -57,7 +60,7 @@ class Results:
     train_accuracy: float
     eval_loss: object
     eval_accuracy: object
-    # From the reports (engine/reports.py), over the test split's one prediction pass:
+    # From the reports (engine/reports/__init__.py), over the test split's one prediction pass:
     test_loss: object = None
     test_accuracy: object = None
     test_examples: object = None
@@ -174,7 +177,7 @@ def _warn_if_unsettled(model, config, total_steps):
 
 
 def _loop(run, run_dir, ready, progress_label):
-    """The epochs left, checkpointed (engine/loop.py)."""
+    """The epochs left, checkpointed (engine/core/loop.py)."""
     config = run.config
     run_dir.keep_metrics_until(run.epochs_done)
     run.checkpoints.watch_preemption(run.devices.cluster_resolver)

@@ -1,5 +1,5 @@
 """What a finished run reports, as one list: each report reads the final model's predictions
-(engine/predictions.py), writes its files in the run directory and returns its entries of the results.
+(engine/reports/predictions.py), writes its files in the run directory and returns its entries of the results.
 
 `--job=train` (results.json) and `--job=evaluate` (evaluation.json) call the same list on the same kind of
 predictions, so evaluate writes everything train writes, under the same names. A new report is a function
@@ -12,15 +12,15 @@ import math
 from absl import logging
 
 from transfer_engine.engine import config as config_lib
-from transfer_engine.engine import confidence, confusion, top_losses
+from transfer_engine.engine.reports import confidence, confusion, top_losses
 
 
 @dataclasses.dataclass(frozen=True)
 class Finished:
-    """What the reports read: the run (engine/assembly.py), its directory, the predictions per split."""
+    """What the reports read: the run (engine/core/assembly.py), its directory, the predictions per split."""
 
     run: object
-    run_dir: object  # engine/run_dir.py's RunDir.
+    run_dir: object  # engine/core/run_dir.py's RunDir.
     predictions: dict  # {"eval": Predictions or None, "test": ...}
     step: int
     measured: tuple = ("test",)  # The splits whose loss, accuracy, per-class figures go in the results.
@@ -80,7 +80,7 @@ def highest_losses(done):
 
 
 def calibration(done):
-    """"calibration" (None without eval examples) and coverage.png: engine/confidence.py, from the eval
+    """"calibration" (None without eval examples) and coverage.png: engine/reports/confidence.py, from the eval
     split (the temperature), the test split and --unknown_dir's images."""
     config, run = done.config, done.run
     evaluated, test = done.predictions["eval"], done.predictions["test"]

@@ -1,8 +1,8 @@
 """The assembly of a run: everything a job drives, built once from a validated config.
 
-    config -> devices (engine/distribute.py) -> source and splits, decoded and cached (data/)
-      -> classifier, its weights and what trains (models/) -> optimizer (engine/optimizer.py)
-      -> run state and checkpoints (engine/checkpoints.py)
+    config -> devices (engine/core/distribute.py) -> source and splits, decoded and cached (data/)
+      -> classifier, its weights and what trains (models/) -> optimizer (engine/core/optimizer.py)
+      -> run state and checkpoints (engine/core/checkpoints.py)
 
 Every bad input is refused (ConfigError) before anything is written. The assembled `Run` is immutable;
 what changes while it trains is its `RunState` (the step counter and the epoch's running sums, both
@@ -18,10 +18,10 @@ import keras
 import tensorflow as tf
 
 from transfer_engine.data import pipeline, sources
-from transfer_engine.engine import distribute
-from transfer_engine.engine.checkpoints import Checkpoints
-from transfer_engine.engine.run_dir import read_flagfile
-from transfer_engine.engine.optimizer import learning_rate_schedule, make_optimizer
+from transfer_engine.engine.core import distribute
+from transfer_engine.engine.core.checkpoints import Checkpoints
+from transfer_engine.engine.core.run_dir import read_flagfile
+from transfer_engine.engine.core.optimizer import learning_rate_schedule, make_optimizer
 from transfer_engine.errors import ConfigError, named
 from transfer_engine.models import modes, trainability
 from transfer_engine.models.architectures import ARCHITECTURES
@@ -88,7 +88,7 @@ class Run:
     def eval_dataset(self, examples, batch_size=None, *, positions=False):
         """The distributed evaluation dataset of `examples` (None for None) in global batches of
         `batch_size` (default --batch_size): every example once, with weight-0 padding so every replica
-        and worker runs the same steps; with `positions`, each example's place (engine/predictions.py)."""
+        and worker runs the same steps; with `positions`, each example's place (engine/reports/predictions.py)."""
         if examples is None:
             return None
         config, batch_size = self.config, batch_size or self.config.batch_size

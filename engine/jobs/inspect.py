@@ -1,7 +1,7 @@
 """`--job=inspect`: before (or without) training, what the data holds that would mislead a run.
 
 On the run's data flags and backbone weights, the frozen backbone's pooled features of every example of
-every split (the feature cache's extraction, as --mode=frozen computes it), then (engine/inspection.py)
+every split (the feature cache's extraction, as --mode=frozen computes it), then (engine/maths/inspection.py)
     duplicates.csv      pairs of the same decoded pixels, and near duplicates: features whose cosine
                         similarity (centred on the data's mean) reaches --near_duplicate, within and
                         across splits, most similar first
@@ -32,8 +32,10 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from transfer_engine.engine import assembly, feature_cache, figures, inspection
-from transfer_engine.engine.run_dir import RunDir, write_atomic
+from transfer_engine.engine.core import assembly, feature_cache
+from transfer_engine.engine.reports import figures
+from transfer_engine.engine.maths import inspection
+from transfer_engine.engine.core.run_dir import RunDir, write_atomic
 from transfer_engine.errors import ConfigError
 
 CHANGED_COPIES = 500

@@ -17,9 +17,10 @@ import tensorflow as tf
 
 from transfer_engine.data import sources
 from transfer_engine.engine import config as config_lib
-from transfer_engine.engine import figures, training
-from transfer_engine.engine.confusion import MAX_DRAWN
-from transfer_engine.engine.run_dir import RunDir, replace_atomic, write_atomic
+from transfer_engine.engine.reports import figures
+from transfer_engine.engine.jobs import training
+from transfer_engine.engine.reports.confusion import MAX_DRAWN
+from transfer_engine.engine.core.run_dir import RunDir, replace_atomic, write_atomic
 from transfer_engine.errors import ModesFailed, RunError, first_line
 from transfer_engine.models import modes
 
@@ -34,7 +35,7 @@ def variants(config):
 
 
 def compare(config):
-    """Trains every mode (engine/training.py), then writes the table and the plot."""
+    """Trains every mode (engine/jobs/training.py), then writes the table and the plot."""
     # Bad data flags would fail every mode alike: they fail once, as one line, before any mode runs.
     source = sources.open_source(config)
     config = sources.with_default_splits(config, source)

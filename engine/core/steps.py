@@ -19,9 +19,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from transfer_engine.engine.compiled_forward import CompiledForward
+from transfer_engine.engine.core.compiled_forward import CompiledForward
 from transfer_engine.internals import quiet_native_info
-from transfer_engine.engine.optimizer import averaged_weights
+from transfer_engine.engine.core.optimizer import averaged_weights
 from transfer_engine.models import modes, trainability
 
 _SUM = tf.distribute.ReduceOp.SUM
@@ -95,7 +95,7 @@ class Trainer:
 
     Gradients are taken for `variables` only (models/trainability.py decides them), so frozen variables
     never reach the optimizer. A new set of variables (a new stage) is a new Trainer: one trace each.
-    The steps call the model through engine/compiled_forward.py.
+    The steps call the model through engine/core/compiled_forward.py.
     """
 
     def __init__(self, *, model, optimizer, strategy, global_batch_size, variables, jit_compile=False,
@@ -145,7 +145,7 @@ class Trainer:
         """Every example of a distributed dataset of (images, labels, weights, positions) through the model
         as `evaluate` calls it, gathered from every replica and worker: numpy (logits [n, outputs],
         per-example losses [n], labels [n], positions [n]), padding included (position -1), in the
-        order gathered (engine/predictions.py puts them in the examples' order)."""
+        order gathered (engine/reports/predictions.py puts them in the examples' order)."""
         with averaged_weights(self.optimizer, self.variables), quiet_native_info():
             batches = [[value.numpy() for value in self._predict_traced(batch)] for batch in dataset]
         return tuple(np.concatenate(part) for part in zip(*batches))
@@ -243,8 +243,8 @@ class Stages:
     staged run trains the head alone first). Entering a stage sets what trains and traces its steps
     once; the optimizer, built over every stage's variables, carries its state across stages.
 
-    `run` is the assembled run (engine/assembly.py); `step_model` is what the steps call, if not its
-    model: the head on cached features (engine/feature_cache.py).
+    `run` is the assembled run (engine/core/assembly.py); `step_model` is what the steps call, if not its
+    model: the head on cached features (engine/core/feature_cache.py).
     """
 
     def __init__(self, run, *, step_model=None):

@@ -1,7 +1,7 @@
 """One pass of the final model over a split: every example's logits, loss and label, kept as arrays.
 
-Everything a finished run reports about a split comes from its one pass (engine/reports.py): loss,
-accuracy, per-class accuracy and the confusion matrix (the numbers engine/trainer.py's distributed
+Everything a finished run reports about a split comes from its one pass (engine/reports/__init__.py): loss,
+accuracy, per-class accuracy and the confusion matrix (the numbers engine/core/steps.py's distributed
 evaluation sums, from the same per-example losses), top losses, calibration and coverage. The pass is
 distributed like the evaluation (every replica and worker, weight-0 padding dropped) and gathered in the
 examples' order, so no figure comes from a second pass that could disagree with the first.
@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from transfer_engine.engine.confidence import two_or_more
+from transfer_engine.engine.reports.confidence import two_or_more
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Predictions:
         return self.logits[mine], self.labels[mine]
 
     def metrics(self, class_names):
-        """{"loss", "accuracy", "examples", "class_accuracy", "confusion_matrix"} as engine/trainer.py's
+        """{"loss", "accuracy", "examples", "class_accuracy", "confusion_matrix"} as engine/core/steps.py's
         `summarize` gives them for the distributed evaluation."""
         classes, examples = len(class_names), len(self.labels)
         right = self.predicted == self.labels
@@ -68,7 +68,7 @@ def in_order(*arrays):
 def predict(run, trainer, name, *, inputs=None):
     """The pass of `trainer` (the final model's) over the run's split `name` ("eval" or "test"; None
     without it). `inputs` are what the trainer's steps take, if not the split's images: its cached
-    features (engine/feature_cache.py); the pictures are the images either way."""
+    features (engine/core/feature_cache.py); the pictures are the images either way."""
     examples = run.splits[name]
     if examples is None:
         return None

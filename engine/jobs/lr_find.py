@@ -13,9 +13,10 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from transfer_engine.engine import assembly, feature_cache, figures
-from transfer_engine.engine.run_dir import RunDir, replace_atomic
-from transfer_engine.engine.trainer import Stages
+from transfer_engine.engine.core import assembly, feature_cache
+from transfer_engine.engine.reports import figures
+from transfer_engine.engine.core.run_dir import RunDir, replace_atomic
+from transfer_engine.engine.core.steps import Stages
 
 MIN_RATE, MAX_RATE = 1e-7, 10.0
 STEPS = 100

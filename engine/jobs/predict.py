@@ -1,5 +1,5 @@
 """`--job=predict`: a trained run's model.keras on image files, folders and globs -> a CSV of top classes,
-with the probabilities calibrated by the run's temperature (engine/confidence.py) and, below
+with the probabilities calibrated by the run's temperature (engine/reports/confidence.py) and, below
 --min_confidence, the answer `unknown` (the top class then in a last column, top_class).
 
 Images are decoded as the training pipeline decodes them (data/pipeline.py: any JPEG, PNG, BMP or GIF
@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from transfer_engine.data import pipeline
 from transfer_engine.data.sources import files_below, is_image
-from transfer_engine.engine import distribute
-from transfer_engine.engine.export import load_model
-from transfer_engine.engine.run_dir import RunDir, write_atomic
-from transfer_engine.engine.trainer import flip_averaged
+from transfer_engine.engine.core import distribute
+from transfer_engine.engine.jobs.export import load_model
+from transfer_engine.engine.core.run_dir import RunDir, write_atomic
+from transfer_engine.engine.core.steps import flip_averaged
 from transfer_engine.errors import ConfigError, named
 
 

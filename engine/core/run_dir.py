@@ -1,7 +1,7 @@
 """The run directory (`--model_dir`): what a run leaves behind, and refusing to mix two runs in one.
 
     flags.txt        the resolved flags; `--flagfile=flags.txt` reruns (or resumes) the run
-    checkpoints/     tf.train.CheckpointManager checkpoints (engine/checkpoints.py)
+    checkpoints/     tf.train.CheckpointManager checkpoints (engine/core/checkpoints.py)
     logs/train,eval  TensorBoard summaries (logs/: the run's HParams row; logs/test: its test metrics)
     metrics.jsonl    one JSON line per epoch
     results.json     final metrics, parameter counts, devices, trainability audit
@@ -9,8 +9,8 @@
     backbone.weights.h5  its backbone alone, usable as --weights of another run
     dataset.json     what its dataset held when it began (RunDir.check_same_data)
     run.lock         while a run trains in it: the holder's pid and host (RunDir.lock)
-    saved_model/, model.tflite, model_int8.tflite, export.json   --job=export (engine/export.py)
-    predictions.csv  --job=predict (engine/predict.py)
+    saved_model/, model.tflite, model_int8.tflite, export.json   --job=export (engine/jobs/export.py)
+    predictions.csv  --job=predict (engine/jobs/predict.py)
 """
 
 import contextlib

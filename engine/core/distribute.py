@@ -1,5 +1,5 @@
 """Device decisions: which tf.distribute strategy, which precision, whether to use XLA, and how the
-engine's steps call the model (engine/compiled_forward.py).
+engine's steps call the model (engine/core/compiled_forward.py).
 
 `auto` picks what was measured fastest on each kind of device (figures in docs/performance.md): on GPUs,
 MirroredStrategy over several (OneDeviceStrategy on one: its input iterator prefetches batches onto the
@@ -39,8 +39,8 @@ class Devices:
     kind: str  # "GPU" or "CPU"
     precision: str
     jit_compile: bool
-    fused_batchnorm: bool = False  # See engine/compiled_forward.py.
-    frozen_as_constants: bool = False  # See engine/compiled_forward.py.
+    fused_batchnorm: bool = False  # See engine/core/compiled_forward.py.
+    frozen_as_constants: bool = False  # See engine/core/compiled_forward.py.
     onednn: bool = False  # TensorFlow's oneDNN CPU kernels are on (internals.py asks for them).
     num_workers: int = 1
     worker_index: int = 0  # Position in the cluster, chief first: this worker's input shard.
@@ -158,7 +158,7 @@ def configure(config):
 
     # XLA on one GPU only: with several replicas Keras 3 turns XLA off itself, per-replica XLA has open
     # reports of thread exhaustion after many steps, and its gain there is unmeasured (docs/multi-gpu.md).
-    # --jit_compile=true forces it (engine/trainer.py compiles the replicas' forward and backward pass).
+    # --jit_compile=true forces it (engine/core/steps.py compiles the replicas' forward and backward pass).
     # Nor under --deterministic: XLA has no deterministic gradient for some ops (MaxPool's, in small_cnn's
     # blocks and ResNet50's stem).
     jit_compile = {"auto": kind == "GPU" and strategy.num_replicas_in_sync == 1 and not config.deterministic,

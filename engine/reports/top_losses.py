@@ -7,7 +7,7 @@ photo, a class that needs more examples, an image the pipeline mangled.
 
 The losses come from one inference pass over the split the test evaluated (the cached features where
 the run has them, so it costs little), in the model's own inference mode: the logits the calibration
-measures too (engine/confidence.py), and the per-example cross-entropy of the evaluation.
+measures too (engine/reports/confidence.py), and the per-example cross-entropy of the evaluation.
 """
 
 import dataclasses
@@ -15,7 +15,8 @@ import os
 
 import numpy as np
 
-from transfer_engine.engine import calibration, figures
+from transfer_engine.engine.maths import calibration
+from transfer_engine.engine.reports import figures
 
 SHOWN = 16  # Pictures drawn: a 4 x 4 grid.
 
@@ -31,7 +32,7 @@ class Mistake:
 
 def find(logits, labels, *, shown=SHOWN):
     """The `shown` examples with the highest loss, highest first, from the logits of a split's examples in
-    order ([n, classes >= 2]: engine/confidence.py's logits_of) and their labels."""
+    order ([n, classes >= 2]: engine/reports/confidence.py's logits_of) and their labels."""
     logits = np.asarray(logits, np.float64)
     probabilities = calibration.softmax(logits)
     losses = calibration.cross_entropy(logits, labels)

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from transfer_engine.data import pipeline
-from transfer_engine.engine.compiled_forward import CompiledForward
+from transfer_engine.engine.core.compiled_forward import CompiledForward
 from transfer_engine.models import modes
 from transfer_engine.models.classifier import BACKBONE_LAYER
 
@@ -153,7 +153,7 @@ class Features:
 
 
 def build(run):
-    """The run's splits as activations at its cut (engine/assembly.py's `Run`, with the trainable flags
+    """The run's splits as activations at its cut (engine/core/assembly.py's `Run`, with the trainable flags
     of its widest stage); None, with a log line saying why, when the cache cannot help or fit."""
     cut = find_cut(run.model)
     if cut is None:
@@ -191,7 +191,7 @@ def build(run):
 
 
 class Extractor:
-    """Runs `lower` (engine/assembly.py's `run` gives devices and batches) once per example."""
+    """Runs `lower` (engine/core/assembly.py's `run` gives devices and batches) once per example."""
 
     def __init__(self, run, lower):
         self.run, self.lower = run, lower

@@ -1,9 +1,9 @@
 """The test split's confusion matrix as a picture: confusion.png in the run directory and an image in
-TensorBoard (logs/test). The counts come from the exact distributed evaluation (engine/trainer.py)."""
+TensorBoard (logs/test). The counts come from the exact distributed evaluation (engine/core/steps.py)."""
 
 import numpy as np
 
-from transfer_engine.engine import figures
+from transfer_engine.engine.reports import figures
 
 
 MAX_DRAWN = 25  # Classes a picture shows at most (0.9 inch each): 200 took 17 GB and minutes to draw.

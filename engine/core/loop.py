@@ -2,9 +2,9 @@
 divergence guard.
 
 It only drives, and knows only what it is given (as Orbit's controller knows only its runner): the
-schedule (numbers), the stage schedule (epoch -> Trainer, engine/trainer.py), the run state it advances
-(step counter and epoch sums), the distributed streams, a checkpoint saver (engine/checkpoints.py) and
-a sink for each epoch's metrics (engine/run_dir.py).
+schedule (numbers), the stage schedule (epoch -> Trainer, engine/core/steps.py), the run state it advances
+(step counter and epoch sums), the distributed streams, a checkpoint saver (engine/core/checkpoints.py) and
+a sink for each epoch's metrics (engine/core/run_dir.py).
 """
 
 import dataclasses
@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from transfer_engine.engine.trainer import summarize
+from transfer_engine.engine.core.steps import summarize
 from transfer_engine.errors import Diverged
 
 NAN_PATIENCE = 2  # Consecutive training calls with a non-finite loss before the run stops.

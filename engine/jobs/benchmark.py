@@ -28,10 +28,10 @@ import tensorflow as tf
 
 from transfer_engine import internals
 from transfer_engine.data import pipeline, sources
-from transfer_engine.engine import assembly, feature_cache
+from transfer_engine.engine.core import assembly, feature_cache
 from transfer_engine.engine import config as config_lib
-from transfer_engine.engine.optimizer import make_optimizer
-from transfer_engine.engine.trainer import Stages, per_example_loss
+from transfer_engine.engine.core.optimizer import make_optimizer
+from transfer_engine.engine.core.steps import Stages, per_example_loss
 from transfer_engine.errors import ConfigError
 from transfer_engine.models import modes
 from transfer_engine.models.backbones import BACKBONES

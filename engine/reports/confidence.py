@@ -1,5 +1,5 @@
 """What a trained model's confidence means (issue 29): after training, one temperature fitted on the eval
-split (engine/calibration.py), the calibration error before and after on eval and test, the eval split's
+split (engine/maths/calibration.py), the calibration error before and after on eval and test, the eval split's
 risk-coverage curve (coverage.png: how accurate the images above a confidence threshold are, and how many
 they are), the threshold reaching --target_accuracy, and with --unknown_dir the share of images of none of
 the classes that such a threshold rejects. results.json keeps it under "calibration"; --job=predict divides
@@ -15,8 +15,9 @@ import tensorflow as tf
 
 from transfer_engine.data import pipeline
 from transfer_engine.data.sources import files_below, is_image
-from transfer_engine.engine import calibration, figures
-from transfer_engine.engine.trainer import flip_averaged
+from transfer_engine.engine.maths import calibration
+from transfer_engine.engine.reports import figures
+from transfer_engine.engine.core.steps import flip_averaged
 from transfer_engine.errors import ConfigError
 
 CURVE_POINTS = 101  # results.json's risk-coverage curve: every 1% of coverage.

@@ -245,6 +245,28 @@ def test_the_same_seed_gives_identical_results(tiny, tmp_path):
 
 
 @pytest.mark.slow
+def test_keep_best_with_ema_saves_the_best_epochs_moving_averages(tiny, tmp_path):
+    """--keep_best and --ema together: model.keras holds the averages of the best epoch's checkpoint (restored
+    first, then averaged), not that checkpoint's raw weights."""
+    from transfer_engine.engine.core import assembly
+    from transfer_engine.engine.core.run_dir import RunDir
+    from helpers import replace
+
+    config = tiny(ema=0.9, keep_best=True, epochs=3, steps_per_epoch=4, learning_rate=0.01, eval_split="test[:60]",
+                  model_dir=str(tmp_path / "run"))
+    results = train_run(config, tmp_path / "run")
+    run = assembly.build(replace(config, model_dir=str(tmp_path / "run")), pretrained=False)
+    assert run.checkpoints.restore_best() == next(
+        record["global_step"] for record in RunDir(str(tmp_path / "run")).metrics() if record["epoch"] == results["best_epoch"])
+    saved = {weight.path: weight.numpy() for weight in keras.saving.load_model(str(tmp_path / "run" / "model.keras")).weights}
+    optimizer = run.optimizer
+    for variable in run.trained_variables:
+        average = optimizer._model_variables_moving_average[optimizer._get_variable_index(variable)].numpy()
+        assert not np.array_equal(average, variable.numpy()), variable.path  # The averages differ from the weights.
+        np.testing.assert_array_equal(saved[variable.path], average, err_msg=variable.path)
+
+
+@pytest.mark.slow
 def test_early_stopping_stops_when_patience_runs_out_and_keep_best_reports_the_best_epoch(tiny, tmp_path):
     from transfer_engine.engine.core.run_dir import RunDir
     from helpers import digest_tree

@@ -96,7 +96,7 @@ MUTATIONS = [
              "        use_averaged_weights(run.optimizer, run.trained_variables)\n"
              "    best_step = run.checkpoints.restore_best() if run.config.keep_best else None\n"),
         tests=["tests/test_trainer.py", "tests/test_checkpoints.py"],
-        k="ema_evaluates or ema_run_saves or early_stopping_stops",
+        k="ema_evaluates or ema_run_saves or early_stopping_stops or keep_best_with_ema",
     ),
     dict(
         id="early_stop_off_by_one", concern="early stopping",

@@ -155,8 +155,7 @@ class Trainer:
         return [self.strategy.gather(value, axis=0) for value in per_replica]
 
     def _replica_predict_step(self, images, labels, weights, positions):
-        evaluate = lambda batch: self.forward(batch, training=False)
-        logits = flip_averaged(evaluate, images) if self.tta else evaluate(images)
+        logits = self._inference_logits(images)
         loss, _ = per_example_loss(labels, logits)
         return tf.cast(logits, tf.float32), loss, labels, positions
 
@@ -198,9 +197,13 @@ class Trainer:
             statistic.value.assign(tf.add_n([tf.convert_to_tensor(value) for value in replicas]) / len(replicas))
         return totals
 
-    def _replica_eval_step(self, images, labels, weights):
+    def _inference_logits(self, images):
+        """The model's logits in inference mode; with --tta, the mean of the images' and their mirrors'."""
         evaluate = lambda batch: self.forward(batch, training=False)
-        logits = flip_averaged(evaluate, images) if self.tta else evaluate(images)
+        return flip_averaged(evaluate, images) if self.tta else evaluate(images)
+
+    def _replica_eval_step(self, images, labels, weights):
+        logits = self._inference_logits(images)
         loss, correct = per_example_loss(labels, logits)
         predicted = tf.one_hot(predicted_class(logits, labels.dtype), self.num_classes, dtype=tf.float64)
         values = tf.concat([_sums(loss, correct, weights), predicted * tf.cast(weights, tf.float64)[:, None]], 1)

@@ -8,14 +8,13 @@ import time
 
 from absl import logging
 
-from transfer_engine.engine.core import assembly, feature_cache, loop
-from transfer_engine.engine.reports import confidence, predictions
-from transfer_engine.engine.jobs import inspect
 from transfer_engine.engine import reports
+from transfer_engine.engine.core import assembly, feature_cache, loop
 from transfer_engine.engine.core.optimizer import use_averaged_weights
-from transfer_engine.engine.reports import fmt
 from transfer_engine.engine.core.run_dir import RunDir, replace_atomic
 from transfer_engine.engine.core.steps import Stages
+from transfer_engine.engine.jobs import inspect
+from transfer_engine.engine.reports import confidence, fmt, predictions
 from transfer_engine.models import trainability
 from transfer_engine.models.classifier import BACKBONE_LAYER
 

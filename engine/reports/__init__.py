@@ -7,6 +7,7 @@ of `Finished` returning a dict, and an entry in DEFAULT. Tests that check no pic
 """
 
 import dataclasses
+import functools
 import math
 
 from absl import logging
@@ -36,13 +37,19 @@ class Finished:
     def title(self, text):
         return f"{self.config.mode}: {text}"
 
+    @functools.cached_property
+    def metrics(self):
+        """{split: its loss, accuracy, per-class accuracy and confusion matrix (Predictions.metrics), or None},
+        computed once for every report that reads them."""
+        return {name: predictions.metrics(self.class_names) if predictions else None
+                for name, predictions in self.predictions.items()}
+
 
 def split_metrics(done):
     """{eval,test}_{loss, accuracy, examples, class_accuracy} of the measured splits (None without one)."""
     results = {}
     for name in done.measured:
-        predictions = done.predictions[name]
-        metrics = predictions.metrics(done.class_names) if predictions else {}
+        metrics = done.metrics[name] or {}
         for key in ("loss", "accuracy", "examples", "class_accuracy"):
             results[f"{name}_{key}"] = metrics.get(key)
     return results
@@ -53,7 +60,7 @@ def confusion_matrix(done):
     results = {}
     for name in done.measured:
         predictions = done.predictions[name]
-        counts = predictions.metrics(done.class_names)["confusion_matrix"] if predictions else None
+        counts = done.metrics[name]["confusion_matrix"] if predictions else None
         results[f"{name}_confusion_matrix"] = {"classes": done.class_names, "counts": counts} if predictions else None
         if predictions and name == "test":
             confusion.write(done.run_dir, counts, done.class_names, step=done.step,
@@ -121,9 +128,7 @@ def _log_calibration(report, config):
 
 def hparams(done):
     """The run as a row of TensorBoard's HParams table, with the test split's loss and accuracy."""
-    test = done.predictions["test"]
-    done.run_dir.record_hparams(config_lib.hparams(done.config), test.metrics(done.class_names) if test else None,
-                                step=done.step)
+    done.run_dir.record_hparams(config_lib.hparams(done.config), done.metrics["test"], step=done.step)
     return {}
 
 
